@@ -1,0 +1,187 @@
+"""Benchmark RBF attention against torch SDPA on one GPU: `python -m rbf_lite.bench`.
+
+Every variant is timed in the same process, on the same inputs, with `triton.testing.do_bench`
+(CUDA events, median). Ratios are against SDPA's default backend at the same shape, dtype and
+causality, so "1.20x" means 20% slower than what `F.scaled_dot_product_attention` gives you.
+Variants:
+  sdpa, sdpa_flash, sdpa_cudnn   dot-product attention (default backend; FLASH and CUDNN pinned)
+  sdpa_qknorm                    RMS-normalised q and k, then SDPA (the QK-norm baseline)
+  rbf_padded_sdpa                RBF through SDPA: q' = [q, 1, 0..], k' = [k, -||k||^2/2, 0..], scale 2c
+  rbf_flex                       RBF through FlexAttention with a score_mod adding -c||k||^2
+  rbf_lite                       this package's fused Triton kernels
+peak_mib is the memory a forward+backward allocates beyond its inputs.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..rbf import rbf_attention, rbf_attention_reference
+from ..runs import environment, write_json
+
+DEFAULT_SHAPES = [(4, 8, n, 64) for n in (1024, 4096, 8192, 16384)] + \
+                 [(2, 16, n, 128) for n in (1024, 4096, 8192, 16384)] + [(64, 4, 256, 64)]
+VARIANTS = ["sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_qknorm", "rbf_padded_sdpa", "rbf_flex", "rbf_lite"]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _sdpa(backend: SDPBackend | None):
+    def run(q, k, v, causal):
+        if backend is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return run
+
+
+def _sdpa_qknorm(q, k, v, causal):
+    return F.scaled_dot_product_attention(F.rms_norm(q, q.shape[-1:]), F.rms_norm(k, k.shape[-1:]), v, is_causal=causal)
+
+
+def _rbf_padded_sdpa(q, k, v, causal):
+    """c(2 q.k - ||k||^2) = 2c [q, 1].[k, -||k||^2/2]; pad D+1 to a multiple of 8 for the fast kernels."""
+    d, pad = q.shape[-1], 8
+    q_ext = torch.cat([q, torch.ones_like(q[..., :1]), q.new_zeros(*q.shape[:-1], pad - 1)], -1)
+    k_ext = torch.cat([k, -0.5 * k.float().square().sum(-1, keepdim=True).to(k.dtype), k.new_zeros(*k.shape[:-1], pad - 1)], -1)
+    v_ext = F.pad(v, (0, pad))
+    out = F.scaled_dot_product_attention(q_ext, k_ext, v_ext, is_causal=causal, scale=2.0 / math.sqrt(d))
+    return out[..., :d]
+
+
+_flex_cache: dict = {}
+
+
+def _rbf_flex(q, k, v, causal):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    if "fn" not in _flex_cache:
+        # One compiled graph per shape and grad mode: raise the recompile limit so that it never
+        # falls back to the unfused (N x N) implementation halfway through the table.
+        torch._dynamo.config.recompile_limit = 512
+        _flex_cache["fn"] = torch.compile(flex_attention, dynamic=False)
+    B, H, N, D = q.shape
+    key = (N, k.shape[2], causal, q.device)
+    if causal and key not in _flex_cache:
+        _flex_cache[key] = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, N, k.shape[2], device=q.device)
+    c = 1.0 / math.sqrt(D)
+    key_sq = k.float().square().sum(-1)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return 2.0 * score - c * key_sq[b, h, kv_idx]
+
+    return _flex_cache["fn"](q, k, v, score_mod=score_mod, block_mask=_flex_cache.get(key) if causal else None, scale=c)
+
+
+def _rbf_lite(q, k, v, causal):
+    return rbf_attention(q, k, v, causal=causal, backend="triton")
+
+
+IMPLEMENTATIONS: dict[str, Callable] = {
+    "sdpa": _sdpa(None), "sdpa_flash": _sdpa(SDPBackend.FLASH_ATTENTION), "sdpa_cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION),
+    "sdpa_qknorm": _sdpa_qknorm, "rbf_padded_sdpa": _rbf_padded_sdpa, "rbf_flex": _rbf_flex, "rbf_lite": _rbf_lite,
+}
+
+
+def time_variant(fn, q, k, v, causal, warmup_ms=50, rep_ms=300):
+    """(forward ms, forward+backward ms, peak MiB beyond the inputs) for one implementation."""
+    from triton.testing import do_bench
+    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+    dout = torch.randn_like(q)
+
+    def fwd():
+        with torch.no_grad():
+            return fn(q, k, v, causal)
+
+    def fwdbwd():
+        out = fn(qg, kg, vg, causal)
+        return torch.autograd.grad(out, (qg, kg, vg), dout)
+
+    fwd_ms = do_bench(fwd, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    fwdbwd_ms = do_bench(fwdbwd, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fwdbwd()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return fwd_ms, fwdbwd_ms, peak
+
+
+def accuracy_rows(dtypes, device="cuda"):
+    """Relative error vs float64 of rbf_lite (RBF) and SDPA (dot product) at the same dtype."""
+    rows = []
+    for dtype_name in dtypes:
+        for d in (64, 128):
+            for causal in (True, False):
+                q, k, v = (torch.randn(2, 4, 1024, d, device=device, dtype=DTYPES[dtype_name]) for _ in range(3))
+                q64, k64, v64 = (t.double() for t in (q, k, v))
+                rbf_ref = rbf_attention_reference(q64, k64, v64, causal=causal)
+                rbf = rbf_attention(q, k, v, causal=causal, backend="triton")
+                with sdpa_kernel(SDPBackend.MATH):
+                    sdpa_ref = F.scaled_dot_product_attention(q64, k64, v64, is_causal=causal)
+                sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                err = lambda x, ref: ((x.double() - ref).norm() / ref.norm()).item()  # noqa: E731
+                rows.append({"dtype": dtype_name, "d": d, "causal": causal,
+                             "rbf_lite_rel_err": err(rbf, rbf_ref), "sdpa_rel_err": err(sdpa, sdpa_ref)})
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default=None, help="B,H,N,D;B,H,N,D;... (default: the issue's shapes)")
+    parser.add_argument("--dtypes", default="bf16,fp16")
+    parser.add_argument("--causal", default="true,false", help="comma list of true/false")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--out", default=None, help="write the JSON here")
+    parser.add_argument("--rep-ms", type=float, default=300)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("the benchmark needs a CUDA GPU")
+    shapes = DEFAULT_SHAPES if args.shapes is None else \
+        [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";")]
+    variants = args.variants.split(",")
+    unknown = set(variants) - set(IMPLEMENTATIONS)
+    if unknown:
+        raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+    causals = [c.strip().lower() == "true" for c in args.causal.split(",")]
+    result = {**environment("cuda"), "rows": [], "accuracy": accuracy_rows(args.dtypes.split(","))}
+    print(f"{'variant':16s} {'shape':>18s} {'dtype':5s} {'causal':6s} {'fwd ms':>8s} {'f+b ms':>8s} "
+          f"{'fwd x':>6s} {'f+b x':>6s} {'peak MiB':>9s}")
+    for dtype_name in args.dtypes.split(","):
+        for (b, h, n, d) in shapes:
+            for causal in causals:
+                torch.manual_seed(0)
+                q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=DTYPES[dtype_name]) for _ in range(3))
+                baseline = None
+                for name in ["sdpa"] + [x for x in variants if x != "sdpa"]:
+                    try:
+                        fwd_ms, fwdbwd_ms, peak = time_variant(IMPLEMENTATIONS[name], q, k, v, causal, rep_ms=args.rep_ms)
+                    except Exception as e:  # a pinned backend may not support a shape: record why
+                        result["rows"].append({"variant": name, "b": b, "h": h, "n": n, "d": d, "dtype": dtype_name,
+                                               "causal": causal, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+                        print(f"{name:16s} {f'{b}x{h}x{n}x{d}':>18s} {dtype_name:5s} {causal!s:6s} failed: {type(e).__name__}")
+                        continue
+                    if name == "sdpa":
+                        baseline = (fwd_ms, fwdbwd_ms)
+                    row = {"variant": name, "b": b, "h": h, "n": n, "d": d, "dtype": dtype_name, "causal": causal,
+                           "fwd_ms": fwd_ms, "fwdbwd_ms": fwdbwd_ms,
+                           "fwd_vs_sdpa": fwd_ms / baseline[0], "fwdbwd_vs_sdpa": fwdbwd_ms / baseline[1],
+                           "peak_mib": peak}
+                    result["rows"].append(row)
+                    print(f"{name:16s} {f'{b}x{h}x{n}x{d}':>18s} {dtype_name:5s} {causal!s:6s} {fwd_ms:8.3f} "
+                          f"{fwdbwd_ms:8.3f} {row['fwd_vs_sdpa']:6.2f} {row['fwdbwd_vs_sdpa']:6.2f} {peak:9.1f}", flush=True)
+                del q, k, v
+                if args.out:
+                    write_json(args.out, result)
+    for row in result["accuracy"]:
+        print(f"accuracy {row['dtype']} D{row['d']} causal={row['causal']}: rbf_lite {row['rbf_lite_rel_err']:.2e} "
+              f"vs SDPA {row['sdpa_rel_err']:.2e}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

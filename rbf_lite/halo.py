@@ -1,0 +1,215 @@
+"""HALO: classification by distance to learned centroids, with an abstain class at the origin.
+
+A linear head + cross-entropy lets confidence grow without bound as an embedding moves away from
+the decision boundary. HALO instead scores class k by how close the embedding x (in R^D) lies
+to its centroid c_k:
+
+    logit_k = -gamma * ||x - c_k||^2 / D
+
+Expanding the square, -gamma ||x||^2 / D is the same in every column of a row, so softmax and
+cross-entropy only need the *shifted* logits gamma (2 x.c_k - ||c_k||^2) / D: one matmul.
+
+Abstain. A virtual class K+1 has its centroid pinned at the origin. Its true logit is
+-gamma ||x||^2 / D, which after the shift is a constant: one extra column, no parameters. The
+network is never asked to predict it (its target probability is 0); it wins only where an
+embedding lies nearer the origin than any centroid.
+
+Ideal abstain bias (derivation; `abstain_bias` computes it):
+  1. the radial term parks an in-distribution x on the shell ||x - c_y||^2 = D - 2;
+  2. so its own class's true logit there is -gamma (D - 2) / D = -gamma (1 - 2/D): the
+     ||x||^2 and ||c_y||^2 of the expanded square cancel into the distance, no centroid norm left;
+  3. a bias b in the abstain column makes its true logit b - gamma ||x||^2 / D <= b, so the own
+     class beats abstain by at least -gamma (1 - 2/D) - b wherever x sits on the shell;
+  4. we want that lead to be one cross-entropy margin m: the logit gap that cross-entropy drives
+     the true class to over a negative under our soft targets, m = log((1 - eps)(K - 1) / eps);
+  5. hence b = -gamma (1 - 2/D) - m.
+
+Radial ("soap bubble") term. With r^2 = ||x - c_y||^2 / D,
+L_rad = -((1/2 - 1/D) log r^2 - r^2 / 2), minimised at r^2 = 1 - 2/D: the mode of a chi-square
+with D degrees of freedom, the thin shell on which a D-dimensional Gaussian's mass lives. It
+stops cross-entropy from crushing every embedding onto its centroid.
+
+gamma init rule (`calibrate_gamma`): on one batch of embeddings from the untrained network,
+gamma is set so that the shifted logits of a row have standard deviation 1 across the K classes
+(averaged over the batch): moderate logits whatever the backbone's output scale, so the first
+softmax is neither uniform nor saturated. Until calibrated, gamma = 1.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def check_batch(embeddings: torch.Tensor, targets: torch.Tensor | None, num_classes: int,
+                dim: int) -> None:
+    """Clear errors for the mistakes a caller can make; the value check is skipped when compiling."""
+    if embeddings.ndim != 2 or embeddings.shape[1] != dim:
+        raise ValueError(f"embeddings must have shape (batch, {dim}), got {tuple(embeddings.shape)}")
+    if embeddings.shape[0] == 0:
+        raise ValueError("empty batch: embeddings has 0 rows")
+    if targets is None:
+        return
+    if targets.shape != embeddings.shape[:1]:
+        raise ValueError(f"targets must have shape ({embeddings.shape[0]},), got {tuple(targets.shape)}")
+    if targets.dtype != torch.int64:
+        raise TypeError(f"targets must be integer class indices (torch.int64), got {targets.dtype}")
+    if not torch.compiler.is_compiling():
+        low, high = torch.stack(torch.aminmax(targets)).tolist()  # one device sync, not two
+        if low < 0 or high >= num_classes:
+            raise ValueError(f"targets must lie in [0, {num_classes}), got values in [{low}, {high}]")
+
+
+class HALOLoss(nn.Module):
+    """Distance logits + abstain column + radial term + soft-target cross-entropy.
+
+    `loss, logits = halo(embeddings, targets, centroids)`; `logits` has K+1 columns, abstain last,
+    and are the true (clamped-distance) logits: the same softmax as the shifted ones the loss uses.
+    soft_targets: "distill" spreads `eps` over the negatives in proportion to the model's own
+    detached probabilities for them (dark knowledge); "smooth" spreads it uniformly.
+    """
+
+    def __init__(self, num_classes: int, dim: int, eps: float = 0.1, soft_targets: str = "distill",
+                 learn_gamma: bool = True, radial_weight: float = 1.0, reduction: str = "mean"):
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"need at least 2 classes, got {num_classes}")
+        if dim < 3:
+            raise ValueError(f"dim must be at least 3 for the radial shell r^2 = 1 - 2/D > 0, got {dim}")
+        if not 0 < eps < 1:
+            raise ValueError(f"eps (target mass on the negatives) must lie in (0, 1), got {eps}")
+        if soft_targets not in ("distill", "smooth"):
+            raise ValueError(f"soft_targets must be 'distill' or 'smooth', got {soft_targets!r}")
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        self.num_classes, self.dim, self.eps = num_classes, dim, eps
+        self.soft_targets, self.radial_weight, self.reduction = soft_targets, radial_weight, reduction
+        self.log_gamma = nn.Parameter(torch.zeros(()), requires_grad=learn_gamma)
+
+    @property
+    def gamma(self) -> torch.Tensor:
+        return self.log_gamma.exp()
+
+    @property
+    def margin(self) -> float:
+        """Cross-entropy margin: log-odds of the true class over a mean negative in the soft target."""
+        return math.log((1 - self.eps) * (self.num_classes - 1) / self.eps)
+
+    def abstain_bias(self) -> torch.Tensor:
+        """b = -gamma (1 - 2/D) - margin (module docstring). Detached: abstain must not train gamma."""
+        return -self.gamma.detach() * (1 - 2 / self.dim) - self.margin
+
+    @torch.no_grad()
+    def calibrate_gamma(self, embeddings: torch.Tensor, centroids: torch.Tensor) -> float:
+        """The gamma init rule: unit standard deviation of a row's K logits, on average."""
+        check_batch(embeddings, None, self.num_classes, self.dim)
+        with torch.autocast(embeddings.device.type, enabled=False):
+            shifted = self._distance_terms(embeddings.float(), centroids.float()) / self.dim
+        spread = shifted.std(dim=1).mean().clamp_min(1e-12)
+        self.log_gamma.copy_(-spread.log())
+        return self.gamma.item()
+
+    @staticmethod
+    def _distance_terms(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """2 x.c_k - ||c_k||^2, i.e. ||x||^2 - ||x - c_k||^2: the shifted logit before gamma / D."""
+        return 2 * x @ c.T - (c * c).sum(dim=1)
+
+    def shifted_logits(self, embeddings: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+        """The K+1 logits minus the row constant -gamma ||x||^2 / D; the abstain column is constant."""
+        known = self.gamma * self._distance_terms(embeddings, centroids) / self.dim
+        abstain = self.abstain_bias().to(known.dtype).expand(known.shape[0], 1)
+        return torch.cat([known, abstain], dim=1)
+
+    def logits(self, embeddings: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+        """True logits -gamma d^2 / D, squared distances clamped at 0 against rounding; abstain last."""
+        check_batch(embeddings, None, self.num_classes, self.dim)
+        row = (embeddings * embeddings).sum(dim=1, keepdim=True)
+        squared = (row - self._distance_terms(embeddings, centroids)).clamp_min(0)
+        known = -self.gamma * squared / self.dim
+        abstain = self.abstain_bias() - self.gamma * row / self.dim
+        return torch.cat([known, abstain], dim=1)
+
+    def targets_distribution(self, shifted: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Soft targets over K+1 classes: 1 - eps on the true class, eps over negatives, 0 on abstain."""
+        known = shifted[:, :self.num_classes].detach()
+        is_true = F.one_hot(targets, self.num_classes).bool()
+        if self.soft_targets == "distill":
+            negatives = known.masked_fill(is_true, float("-inf")).softmax(dim=1)
+        else:
+            negatives = (~is_true).to(known.dtype) / (self.num_classes - 1)
+        known_targets = torch.where(is_true, 1 - self.eps, self.eps * negatives)
+        return torch.cat([known_targets, known_targets.new_zeros(known.shape[0], 1)], dim=1)
+
+    def radial(self, embeddings: torch.Tensor, centroids: torch.Tensor,
+               targets: torch.Tensor) -> torch.Tensor:
+        """L_rad per example, on r^2 = ||x - c_y||^2 / D computed directly (exact at x = c_y)."""
+        r2 = ((embeddings - centroids[targets]) ** 2).sum(dim=1) / self.dim
+        r2 = r2.clamp_min(1e-6)
+        return -((0.5 - 1 / self.dim) * r2.log() - 0.5 * r2)
+
+    def forward(self, embeddings: torch.Tensor, targets: torch.Tensor,
+                centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        check_batch(embeddings, targets, self.num_classes, self.dim)
+        if centroids.shape != (self.num_classes, self.dim):
+            raise ValueError(f"centroids must have shape ({self.num_classes}, {self.dim}), "
+                             f"got {tuple(centroids.shape)}")
+        shifted = self.shifted_logits(embeddings, centroids)
+        soft = self.targets_distribution(shifted, targets)
+        cross_entropy = -(soft * shifted.log_softmax(dim=1)).sum(dim=1)
+        loss = cross_entropy + self.radial_weight * self.radial(embeddings, centroids, targets)
+        if self.reduction == "mean":
+            loss = loss.mean()
+        elif self.reduction == "sum":
+            loss = loss.sum()
+        return loss, self.logits(embeddings.detach(), centroids.detach())
+
+
+class HALOHead(nn.Module):
+    """Holds the K x D centroids (mean-centred on every forward) and the HALO loss.
+
+    `loss, logits = head(embeddings, targets)`; with targets=None the loss is None. Centroids
+    start as N(0, I) so that neighbouring centroids sit about sqrt(2D) apart, wider than the
+    shell radius sqrt(D - 2) the radial term sets.
+    """
+    abstains = True
+
+    def __init__(self, num_classes: int, dim: int, **loss_options):
+        super().__init__()
+        self.centroids = nn.Parameter(torch.randn(num_classes, dim))
+        self.loss = HALOLoss(num_classes, dim, **loss_options)
+
+    def centred_centroids(self) -> torch.Tensor:
+        return self.centroids - self.centroids.mean(dim=0, keepdim=True)
+
+    def calibrate(self, embeddings: torch.Tensor) -> float:
+        return self.loss.calibrate_gamma(embeddings, self.centred_centroids())
+
+    def forward(self, embeddings: torch.Tensor,
+                targets: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        embeddings = embeddings.float()
+        if targets is None:
+            return None, self.loss.logits(embeddings, self.centred_centroids())
+        return self.loss(embeddings, targets, self.centred_centroids())
+
+
+class LinearHead(nn.Module):
+    """The baseline: a linear layer and (optionally label-smoothed) cross-entropy."""
+    abstains = False
+
+    def __init__(self, num_classes: int, dim: int, label_smoothing: float = 0.0):
+        super().__init__()
+        self.num_classes, self.dim, self.label_smoothing = num_classes, dim, label_smoothing
+        self.linear = nn.Linear(dim, num_classes)
+
+    def calibrate(self, embeddings: torch.Tensor) -> None:
+        """Nothing to calibrate: present so that trainers treat both heads alike."""
+
+    def forward(self, embeddings: torch.Tensor,
+                targets: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        check_batch(embeddings, targets, self.num_classes, self.dim)
+        logits = self.linear(embeddings.float())
+        if targets is None:
+            return None, logits
+        return F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing), logits

@@ -1,0 +1,439 @@
+"""Fused scaled-RBF attention in Triton, FlashAttention-style: forward, backward, torch op.
+
+Scores are s_ij = c (2 q_i.k_j - ||k_j||^2), the distance score -c||q_i - k_j||^2 without its
+row-constant -c||q_i||^2, which softmax ignores. The kernels work in base 2: the scores are
+multiplied by log2(e) in fp32 (after the dot product, so q and k are never rounded again), the
+softmax uses exp2, and the saved log-sum-exp is in base 2 too.
+
+Forward, per block of queries: load q once, stream key/value tiles through on-chip memory, keep
+a running max and sum (online softmax), never form the N x M score matrix. Key norms ||k_j||^2 are
+computed once per key by a small pre-pass, not once per tile. With causal masking the key loop is
+split in two stages: blocks entirely below the diagonal run without any mask, and only the blocks
+that straddle the diagonal (or the ragged end of the sequence) pay for it.
+
+Backward, with P = softmax, dP = dO V^T, Delta_i = dO_i . O_i and dS = P (dP - Delta):
+    dq_i = 2c sum_j dS_ij k_j
+    dk_j = 2c (sum_i dS_ij q_i - k_j sum_i dS_ij)     (the second term comes from -||k_j||^2)
+    dv_j = sum_i P_ij dO_i
+One launch: each program computes dk, dv for one block of keys (looping over queries) and dq for
+one block of queries (looping over keys), so nothing is accumulated atomically.
+
+Causal masking with N queries and M keys aligns the queries with the *last* N keys: query i sees
+keys j <= i + (M - N), as when decoding against a KV cache.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Autotuning candidates, in one list per kernel, smallest tiles last.
+TUNED_FWD_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [(128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2),
+                         (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 2)]
+]
+TUNED_BWD_CONFIGS = [
+    triton.Config({"BLOCK_M1": m1, "BLOCK_N1": n1, "BLOCK_M2": m2, "BLOCK_N2": n2}, num_warps=w, num_stages=s)
+    for m1, n1, m2, n2, w, s in [(32, 128, 128, 32, 4, 5), (32, 128, 128, 32, 4, 3), (32, 128, 128, 32, 8, 3),
+                                 (64, 128, 128, 64, 8, 3), (64, 128, 128, 64, 8, 2), (64, 64, 64, 64, 4, 3),
+                                 (32, 64, 64, 32, 4, 3), (32, 64, 64, 32, 4, 2)]
+]
+if INTERPRETING:
+    # One small, lopsided configuration: fast on the CPU, and BLOCK_M != BLOCK_N exercises every
+    # boundary case of the stage split.
+    FWD_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    BWD_CONFIGS = [triton.Config({"BLOCK_M1": 16, "BLOCK_N1": 32, "BLOCK_M2": 32, "BLOCK_N2": 16},
+                                 num_warps=4, num_stages=1)]
+elif os.environ.get("RBF_LITE_AUTOTUNE") == "0":
+    # No tuning (e.g. tests on a GPU): the smallest configuration, which fits every dtype and D.
+    FWD_CONFIGS, BWD_CONFIGS = TUNED_FWD_CONFIGS[-1:], TUNED_BWD_CONFIGS[-1:]
+else:
+    FWD_CONFIGS, BWD_CONFIGS = TUNED_FWD_CONFIGS, TUNED_BWD_CONFIGS
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    """fp32 tiles are twice as large: keep only the configurations that fit in shared memory."""
+    if named_args["q"].dtype == torch.float32:
+        return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64] or configs[-1:]
+    return configs
+
+
+def _prune_bwd(configs, named_args, **kwargs):
+    if named_args["q"].dtype == torch.float32:
+        return [c for c in configs if c.kwargs["BLOCK_N1"] <= 64] or configs[-1:]
+    return configs
+
+
+def _bucket(n: int) -> int:
+    """Autotuning key for a length: its power-of-two bucket, so growing caches don't retune each step."""
+    return 1 << max(4, math.ceil(math.log2(max(n, 1))))
+
+
+@triton.jit
+def _rowdot_kernel(x_ptr, y_ptr, out_ptr, sxb, sxh, sxn, sxd, syb, syh, syn, syd, H, N,
+                   D: tl.constexpr, BLOCK: tl.constexpr):
+    """out[b, h, n] = sum_d x[b, h, n, d] * y[b, h, n, d] in fp32: key norms and the backward's Delta."""
+    pid_n, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    rows = pid_n * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.arange(0, D)
+    mask = rows[:, None] < N
+    x = tl.load(x_ptr + b.to(tl.int64) * sxb + h * sxh + rows[:, None] * sxn + cols[None, :] * sxd, mask=mask, other=0.0)
+    y = tl.load(y_ptr + b.to(tl.int64) * syb + h * syh + rows[:, None] * syn + cols[None, :] * syd, mask=mask, other=0.0)
+    tl.store(out_ptr + bh.to(tl.int64) * N + rows, tl.sum(x.to(tl.float32) * y.to(tl.float32), axis=1), mask=rows < N)
+
+
+def rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, D) x (B, H, N, D) -> (B, H, N) fp32 row-wise dot products, read through strides."""
+    B, H, N, D = x.shape
+    out = torch.empty((B, H, N), device=x.device, dtype=torch.float32)
+    block = 64
+    _rowdot_kernel[(triton.cdiv(N, block), B * H)](x, y, out, *x.stride(), *y.stride(), H, N, D=D, BLOCK=block)
+    return out
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kn_base, stride_kn, stride_kd, stride_vn, stride_vd,
+               offs_m, lo, hi, causal_offset, N_K, qk_scale, kn_scale,
+               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    """Online softmax over key blocks [lo, hi). MASKED blocks check bounds and causality."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kt_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd
+        v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd
+        if MASKED:
+            in_bounds = cols < N_K
+            kt = tl.load(kt_ptrs, mask=in_bounds[None, :], other=0.0)
+        else:
+            kt = tl.load(kt_ptrs)
+        if MASKED:
+            kn = tl.load(kn_base + cols, mask=in_bounds, other=0.0)
+        else:
+            kn = tl.load(kn_base + cols)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale - kn[None, :] * kn_scale
+        if MASKED:
+            visible = in_bounds[None, :]
+            if CAUSAL:
+                visible = visible & (offs_m[:, None] + causal_offset >= cols[None, :])
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASKED:
+            v = tl.load(v_ptrs, mask=in_bounds[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.autotune(configs=FWD_CONFIGS, key=["N_Q_BUCKET", "N_K_BUCKET", "HEAD_DIM", "CAUSAL"],
+                 prune_configs_by={"early_config_prune": _prune_fwd})
+@triton.jit
+def _fwd_kernel(q, k, v, kn, out, lse,
+                sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+                H, N_Q, N_K, qk_scale, kn_scale, N_Q_BUCKET, N_K_BUCKET,
+                HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    if CAUSAL:
+        # The last query blocks have the most keys to visit: start them first so that the short
+        # ones fill the tail of the schedule instead of leaving a few long ones running alone.
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < N_Q
+    q_tile = tl.load(q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+                     mask=row_ok[:, None], other=0.0)
+    k_base = k + b * skb + h * skh
+    v_base = v + b * svb + h * svh
+    kn_base = kn + bh.to(tl.int64) * N_K
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    causal_offset = N_K - N_Q
+    full_blocks_end = (N_K // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        # Keys j <= start_m + offset are visible to every row of this block: no mask needed.
+        lo = tl.minimum(tl.maximum((start_m + causal_offset + 1) // BLOCK_N * BLOCK_N, 0), full_blocks_end)
+        hi = tl.minimum(start_m + BLOCK_M + causal_offset, N_K)
+    else:
+        lo = full_blocks_end
+        hi = N_K
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_base, v_base, kn_base, skn, skd, svn, svd,
+                               offs_m, 0, lo, causal_offset, N_K, qk_scale, kn_scale,
+                               BLOCK_N, HEAD_DIM, False, CAUSAL, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_base, v_base, kn_base, skn, skd, svn, svd,
+                               offs_m, lo, hi, causal_offset, N_K, qk_scale, kn_scale,
+                               BLOCK_N, HEAD_DIM, True, CAUSAL, DOT_PRECISION)
+    acc = acc / l_i[:, None]
+    tl.store(lse + bh.to(tl.int64) * N_Q + offs_m, m_i + tl.log2(l_i), mask=row_ok)
+    tl.store(out + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
+             acc.to(out.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, dsum, k_tile, v_tile, kn, q_base, do_base, lse_base, delta_base,
+                    sqn, sqd, sdon, sdod, offs_n, lo, hi, causal_offset, N_Q, qk_scale, kn_scale,
+                    BLOCK_M1: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+                    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate dk (before its key-norm correction), dv and sum_i dS_ij over query blocks [lo, hi)."""
+    offs_m = tl.arange(0, BLOCK_M1)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_m in range(lo, hi, BLOCK_M1):
+        rows = start_m + offs_m
+        q_ptrs = q_base + rows[:, None] * sqn + offs_d[None, :] * sqd
+        do_ptrs = do_base + rows[:, None] * sdon + offs_d[None, :] * sdod
+        if MASKED:
+            row_ok = rows < N_Q
+            q_tile = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+            do_tile = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+            lse_i = tl.load(lse_base + rows, mask=row_ok, other=0.0)
+            delta_i = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+        else:
+            q_tile = tl.load(q_ptrs)
+            do_tile = tl.load(do_ptrs)
+            lse_i = tl.load(lse_base + rows)
+            delta_i = tl.load(delta_base + rows)
+        # Transposed scores: rows are keys, columns are queries.
+        st = tl.dot(k_tile, tl.trans(q_tile), input_precision=DOT_PRECISION) * qk_scale - kn[:, None] * kn_scale
+        pt = tl.exp2(st - lse_i[None, :])
+        if MASKED:
+            visible = row_ok[None, :]
+            if CAUSAL:
+                visible = visible & (rows[None, :] + causal_offset >= offs_n[:, None])
+            pt = tl.where(visible, pt, 0.0)
+        dv = tl.dot(pt.to(do_tile.dtype), do_tile, dv, input_precision=DOT_PRECISION)
+        dpt = tl.dot(v_tile, tl.trans(do_tile), input_precision=DOT_PRECISION)
+        dst = pt * (dpt - delta_i[None, :])
+        dsum += tl.sum(dst, 1)
+        dk = tl.dot(dst.to(q_tile.dtype), q_tile, dk, input_precision=DOT_PRECISION)
+    return dk, dv, dsum
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q_tile, do_tile, lse_i, delta_i, k_base, v_base, kn_base, skn, skd, svn, svd,
+                  offs_m, lo, hi, causal_offset, N_K, qk_scale, kn_scale,
+                  BLOCK_N2: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+                  CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate sum_j dS_ij k_j over key blocks [lo, hi)."""
+    offs_n = tl.arange(0, BLOCK_N2)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(lo, hi, BLOCK_N2):
+        cols = start_n + offs_n
+        kt_ptrs = k_base + cols[None, :] * skn + offs_d[:, None] * skd
+        vt_ptrs = v_base + cols[None, :] * svn + offs_d[:, None] * svd
+        if MASKED:
+            in_bounds = cols < N_K
+            kt = tl.load(kt_ptrs, mask=in_bounds[None, :], other=0.0)
+            vt = tl.load(vt_ptrs, mask=in_bounds[None, :], other=0.0)
+            kn = tl.load(kn_base + cols, mask=in_bounds, other=0.0)
+        else:
+            kt = tl.load(kt_ptrs)
+            vt = tl.load(vt_ptrs)
+            kn = tl.load(kn_base + cols)
+        s = tl.dot(q_tile, kt, input_precision=DOT_PRECISION) * qk_scale - kn[None, :] * kn_scale
+        p = tl.exp2(s - lse_i[:, None])
+        if MASKED:
+            visible = in_bounds[None, :]
+            if CAUSAL:
+                visible = visible & (offs_m[:, None] + causal_offset >= cols[None, :])
+            p = tl.where(visible, p, 0.0)
+        dp = tl.dot(do_tile, vt, input_precision=DOT_PRECISION)
+        ds = p * (dp - delta_i[:, None])
+        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.autotune(configs=BWD_CONFIGS, key=["N_Q_BUCKET", "N_K_BUCKET", "HEAD_DIM", "CAUSAL"],
+                 prune_configs_by={"early_config_prune": _prune_bwd})
+@triton.jit
+def _bwd_kernel(q, k, v, kn, do, lse, delta, dq, dk, dv,
+                sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
+                sgb, sgh, sgn, sgd, sgkb, sgkh, sgkn, sgkd,
+                H, N_Q, N_K, qk_scale, kn_scale, two_c, N_Q_BUCKET, N_K_BUCKET,
+                HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr):
+    """dq is written with strides (sgb..sgd); dk and dv share strides (sgkb..sgkd)."""
+    pid, bh = tl.program_id(0), tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_base = q + b * sqb + h * sqh
+    k_base = k + b * skb + h * skh
+    v_base = v + b * svb + h * svh
+    do_base = do + b * sdob + h * sdoh
+    kn_base = kn + bh.to(tl.int64) * N_K
+    lse_base = lse + bh.to(tl.int64) * N_Q
+    delta_base = delta + bh.to(tl.int64) * N_Q
+    causal_offset = N_K - N_Q
+
+    # Part 1: dk, dv for keys [start_n, start_n + BLOCK_N1).
+    start_n = pid * BLOCK_N1
+    if start_n < N_K:
+        offs_n = start_n + tl.arange(0, BLOCK_N1)
+        key_ok = offs_n < N_K
+        k_tile = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=key_ok[:, None], other=0.0)
+        v_tile = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=key_ok[:, None], other=0.0)
+        # Padding keys get an infinite norm: their scores are -inf and their P is exactly 0.
+        kn_tile = tl.load(kn_base + offs_n, mask=key_ok, other=float("inf"))
+        dk_acc = tl.zeros([BLOCK_N1, HEAD_DIM], dtype=tl.float32)
+        dv_acc = tl.zeros([BLOCK_N1, HEAD_DIM], dtype=tl.float32)
+        dsum = tl.zeros([BLOCK_N1], dtype=tl.float32)
+        full_rows_end = (N_Q // BLOCK_M1) * BLOCK_M1
+        if CAUSAL:
+            # Row i sees key j when i + offset >= j. Rows from `first` on see some of these keys;
+            # query blocks starting at or after `all_visible` see all of them.
+            first = tl.maximum(start_n - causal_offset, 0) // BLOCK_M1 * BLOCK_M1
+            all_visible = (tl.maximum(start_n + BLOCK_N1 - 1 - causal_offset, 0) + BLOCK_M1 - 1) // BLOCK_M1 * BLOCK_M1
+        else:
+            first = 0
+            all_visible = 0
+        # Stages: masked blocks across the diagonal, unmasked full blocks, the masked ragged tail.
+        diag_end = tl.maximum(tl.minimum(all_visible, full_rows_end), first)
+        dk_acc, dv_acc, dsum = _bwd_dkdv_inner(dk_acc, dv_acc, dsum, k_tile, v_tile, kn_tile, q_base, do_base,
+                                               lse_base, delta_base, sqn, sqd, sdon, sdod, offs_n,
+                                               first, diag_end, causal_offset, N_Q, qk_scale, kn_scale,
+                                               BLOCK_M1, HEAD_DIM, True, CAUSAL, DOT_PRECISION)
+        dk_acc, dv_acc, dsum = _bwd_dkdv_inner(dk_acc, dv_acc, dsum, k_tile, v_tile, kn_tile, q_base, do_base,
+                                               lse_base, delta_base, sqn, sqd, sdon, sdod, offs_n,
+                                               diag_end, full_rows_end, causal_offset, N_Q, qk_scale, kn_scale,
+                                               BLOCK_M1, HEAD_DIM, False, CAUSAL, DOT_PRECISION)
+        dk_acc, dv_acc, dsum = _bwd_dkdv_inner(dk_acc, dv_acc, dsum, k_tile, v_tile, kn_tile, q_base, do_base,
+                                               lse_base, delta_base, sqn, sqd, sdon, sdod, offs_n,
+                                               tl.maximum(full_rows_end, diag_end), N_Q, causal_offset, N_Q,
+                                               qk_scale, kn_scale, BLOCK_M1, HEAD_DIM, True, CAUSAL, DOT_PRECISION)
+        # The key-norm term of dk: d(-||k_j||^2)/dk_j = -2 k_j, weighted by sum_i dS_ij.
+        dk_tile = two_c * (dk_acc - k_tile.to(tl.float32) * dsum[:, None])
+        dv_ptrs = dv + b * sgkb + h * sgkh + offs_n[:, None] * sgkn + offs_d[None, :] * sgkd
+        dk_ptrs = dk + b * sgkb + h * sgkh + offs_n[:, None] * sgkn + offs_d[None, :] * sgkd
+        tl.store(dv_ptrs, dv_acc.to(dv.dtype.element_ty), mask=key_ok[:, None])
+        tl.store(dk_ptrs, dk_tile.to(dk.dtype.element_ty), mask=key_ok[:, None])
+
+    # Part 2: dq for queries [start_m, start_m + BLOCK_M2).
+    start_m = pid * BLOCK_M2
+    if start_m < N_Q:
+        offs_m = start_m + tl.arange(0, BLOCK_M2)
+        row_ok = offs_m < N_Q
+        q_tile = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0)
+        do_tile = tl.load(do_base + offs_m[:, None] * sdon + offs_d[None, :] * sdod, mask=row_ok[:, None], other=0.0)
+        lse_i = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
+        delta_i = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        dq_acc = tl.zeros([BLOCK_M2, HEAD_DIM], dtype=tl.float32)
+        full_blocks_end = (N_K // BLOCK_N2) * BLOCK_N2
+        if CAUSAL:
+            lo = tl.minimum(tl.maximum((start_m + causal_offset + 1) // BLOCK_N2 * BLOCK_N2, 0), full_blocks_end)
+            hi = tl.minimum(start_m + BLOCK_M2 + causal_offset, N_K)
+        else:
+            lo = full_blocks_end
+            hi = N_K
+        dq_acc = _bwd_dq_inner(dq_acc, q_tile, do_tile, lse_i, delta_i, k_base, v_base, kn_base, skn, skd, svn, svd,
+                               offs_m, 0, lo, causal_offset, N_K, qk_scale, kn_scale,
+                               BLOCK_N2, HEAD_DIM, False, CAUSAL, DOT_PRECISION)
+        dq_acc = _bwd_dq_inner(dq_acc, q_tile, do_tile, lse_i, delta_i, k_base, v_base, kn_base, skn, skd, svn, svd,
+                               offs_m, lo, hi, causal_offset, N_K, qk_scale, kn_scale,
+                               BLOCK_N2, HEAD_DIM, True, CAUSAL, DOT_PRECISION)
+        dq_ptrs = dq + b * sgb + h * sgh + offs_m[:, None] * sgn + offs_d[None, :] * sgd
+        tl.store(dq_ptrs, (two_c * dq_acc).to(dq.dtype.element_ty), mask=row_ok[:, None])
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get true fp32 products ("ieee"), not TF32: that is what asking for fp32 means."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _forward(q, k, v, causal: bool, scale: float):
+    B, H, N, D = q.shape
+    M = k.shape[2]
+    out = torch.empty((B, H, N, D), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
+    kn = rowdot(k, k)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)  # noqa: E731
+    _fwd_kernel[grid](q, k, v, kn, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+                      H, N, M, 2.0 * scale * LOG2E, scale * LOG2E, _bucket(N), _bucket(M),
+                      HEAD_DIM=D, CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype))
+    return out, lse, kn
+
+
+def _backward(dout, q, k, v, out, lse, kn, causal: bool, scale: float):
+    B, H, N, D = q.shape
+    M = k.shape[2]
+    delta = rowdot(out, dout)
+    dq = torch.empty((B, H, N, D), device=q.device, dtype=q.dtype)
+    dk = torch.empty((B, H, M, D), device=q.device, dtype=k.dtype)
+    dv = torch.empty_like(dk)
+    grid = lambda meta: (max(triton.cdiv(M, meta["BLOCK_N1"]), triton.cdiv(N, meta["BLOCK_M2"])), B * H)  # noqa: E731
+    # The scores inside the kernel are in base 2 (s * log2 e), and so is lse; P = exp2(s2 - lse2)
+    # is the true softmax, and dS = P (dP - Delta) is the gradient w.r.t. the natural-unit score.
+    _bwd_kernel[grid](q, k, v, kn, dout, lse, delta, dq, dk, dv,
+                      *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *dk.stride(),
+                      H, N, M, 2.0 * scale * LOG2E, scale * LOG2E, 2.0 * scale, _bucket(N), _bucket(M),
+                      HEAD_DIM=D, CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype))
+    return dq, dk, dv
+
+
+@torch.library.custom_op("rbf_lite::rbf_attention_fwd", mutates_args=())
+def rbf_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused forward: the output, plus for the backward each row's base-2 log-sum-exp and ||k_j||^2."""
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        return _forward(q, k, v, causal, scale)
+
+
+@rbf_attention_fwd.register_fake
+def _(q, k, v, causal, scale):
+    B, H, N, D = q.shape
+    return (q.new_empty((B, H, N, D)), q.new_empty((B, H, N), dtype=torch.float32),
+            q.new_empty((B, H, k.shape[2]), dtype=torch.float32))
+
+
+@torch.library.custom_op("rbf_lite::rbf_attention_bwd", mutates_args=())
+def rbf_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                      lse: torch.Tensor, kn: torch.Tensor, causal: bool,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused backward: (dq, dk, dv) from the forward's output, log-sum-exp and key norms."""
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        return _backward(dout, q, k, v, out, lse, kn, causal, scale)
+
+
+@rbf_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, kn, causal, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), \
+        torch.empty_like(k, memory_format=torch.contiguous_format), \
+        torch.empty_like(v, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, scale = inputs
+    out, lse, kn = output
+    ctx.save_for_backward(q, k, v, out, lse, kn)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _backward_rule(ctx, dout, _dlse, _dkn):
+    q, k, v, out, lse, kn = ctx.saved_tensors
+    dq, dk, dv = rbf_attention_bwd(dout, q, k, v, out, lse, kn, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+rbf_attention_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+def rbf_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+    """The fused op's output alone; inputs are assumed validated by `rbf_lite.rbf_attention`."""
+    return rbf_attention_fwd(q, k, v, causal, scale)[0]

@@ -1,0 +1,362 @@
+"""Train the tiny GPT on TinyStories: `python -m rbf_lite.lm --attention rbf --pos susie ...`.
+
+One script for one device or many (`torchrun --nproc_per_node N -m rbf_lite.lm ...`, DDP): the
+global batch is fixed and split over processes, and batch `step` is a pure function of
+(seed, step) (see `ShuffledBatches`), so the data position in a checkpoint is just the step.
+AdamW, linear warm-up then cosine decay, gradient clipping, bf16 autocast on CUDA (fp32 on the
+CPU). Every metric goes to DIR/log.jsonl; DIR/checkpoint.pt holds model, optimizer, scheduler,
+step and RNG states, and `--resume` continues so exactly that an interrupted run ends with the
+weights of an uninterrupted one (bit-identical on the CPU). `--stop-at` ends a run early on
+purpose, e.g. to fit a long run into time-limited sessions. Without `--resume` a run starts
+fresh and overwrites what OUT held.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from .attention import ATTENTION_KINDS
+from .data.text import TOKENIZERS, PackedWindows, ShuffledBatches, TextTokenizer, prepare_tinystories
+from .inspect_norms import parameter_norms
+from .models.gpt import GPT, GPTConfig
+from .positional import POSITIONAL_KINDS
+from .runs import JsonlLog, environment, load_checkpoint, save_checkpoint, seed_everything, write_json
+
+SAMPLE_PROMPT = "Once upon a time"
+
+
+@dataclass
+class LMConfig:
+    attention: str = "rbf"
+    pos: str = "susie"
+    registers: int = 1
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    context_length: int = 256
+    steps: int = 2000
+    batch_size: int = 64            # global: split evenly over processes
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1       # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    data: str | None = None         # text file or folder; None: RBF_LITE_DATA, ../shared/data, hub
+    data_source: str = "auto"       # auto | local | hub
+    tokenizer: str = "gpt2"         # gpt2 | bpe (trained on the training text)
+    bpe_vocab_size: int = 4096
+    eval_every: int = 200
+    eval_batches: int = 20
+    log_every: int = 10
+    checkpoint_every: int = 500
+    sample_tokens: int = 64         # greedy continuation of SAMPLE_PROMPT put in the summary
+    out: str = "runs/lm"
+    device: str = "auto"            # auto | cpu | cuda
+    compile: bool = False
+    resume: bool = False
+    stop_at: int | None = None      # stop (with a checkpoint) after this step; schedule still spans `steps`
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
+        if self.pos not in POSITIONAL_KINDS:
+            raise ValueError(f"pos must be one of {POSITIONAL_KINDS}, got {self.pos!r}")
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {self.tokenizer!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        for name in ("steps", "batch_size", "eval_every", "eval_batches", "log_every", "checkpoint_every"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1 and self.warmup_steps >= 0
+                and self.weight_decay >= 0 and self.grad_clip > 0):
+            raise ValueError("need lr > 0, 0 <= min_lr_ratio <= 1, warmup_steps >= 0, "
+                             "weight_decay >= 0 and grad_clip > 0")
+        if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
+            raise ValueError(f"stop_at must lie in [1, steps={self.steps}], got {self.stop_at}")
+
+    def model_config(self, vocab_size: int) -> GPTConfig:
+        return GPTConfig(vocab_size=vocab_size, context_length=self.context_length, d_model=self.d_model,
+                         n_layers=self.n_layers, n_heads=self.n_heads, attention=self.attention,
+                         pos=self.pos, num_registers=self.registers)
+
+
+# Fields that may differ between an interrupted run and its resumption.
+RESUMABLE_CHANGES = ("resume", "stop_at", "device", "compile", "eval_every", "log_every",
+                     "checkpoint_every", "sample_tokens")
+
+
+def lr_factor(step: int, config: LMConfig) -> float:
+    """Linear warm-up to 1, then cosine decay to min_lr_ratio at the last step."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay the weight matrices of Linear and Embedding layers only; norms, registers and
+    positional weights are left alone (decay would pull registers and SuSiE weights to zero)."""
+    decayed = {id(m.weight) for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
+    params = list(model.parameters())  # tied weights appear once
+    return [{"params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but torch sees no CUDA GPU")
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; the CPU stays in fp32 (exact, and bf16 is slow there)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _all_reduce_(t: torch.Tensor, world_size: int) -> torch.Tensor:
+    if world_size > 1:
+        dist.all_reduce(t)
+    return t
+
+
+@torch.no_grad()
+def evaluate(model: GPT, windows: PackedWindows, config: LMConfig, device: torch.device,
+             rank: int = 0, world_size: int = 1) -> float:
+    """Mean next-token loss over the first eval_batches * batch_size validation windows (fewer if
+    the split is smaller), split across processes."""
+    n = min(windows.num_windows, config.eval_batches * config.batch_size)
+    mine = list(range(rank, n, world_size))
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, token count
+    per_batch = max(1, config.batch_size // world_size)
+    for start in range(0, len(mine), per_batch):
+        x, y = (t.to(device) for t in windows.rows(mine[start:start + per_batch]))
+        with autocast(device):
+            _, loss = model(x, y)
+        total += torch.tensor([loss.item() * y.numel(), y.numel()], dtype=torch.float64, device=device)
+    total = _all_reduce_(total, world_size)
+    return (total[0] / total[1]).item()
+
+
+def _check_resumable(saved: dict, config: LMConfig) -> None:
+    changed = [f.name for f in fields(config)
+               if f.name not in RESUMABLE_CHANGES and saved.get(f.name) != getattr(config, f.name)]
+    if changed:
+        raise ValueError(f"cannot resume: the checkpoint was trained with different {', '.join(changed)} "
+                         f"({', '.join(f'{k}={saved.get(k)!r}' for k in changed)})")
+
+
+def train(config: LMConfig) -> dict:
+    """Train (or resume) one run; returns the summary also written to OUT/summary.json."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(config.device, local_rank)
+    if world_size > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    try:
+        return _train(config, device, rank, world_size)
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
+
+
+def _train(config: LMConfig, device: torch.device, rank: int, world_size: int) -> dict:
+    if config.batch_size % world_size:
+        raise ValueError(f"batch_size={config.batch_size} does not split over {world_size} processes")
+    out = Path(config.out)
+    checkpoint_path = out / "checkpoint.pt"
+    is_main = rank == 0
+    seed_everything(config.seed)
+    if rank != 0:  # rank 0 builds the token caches, the others then read them
+        dist.barrier()
+    data = prepare_tinystories(config.data, config.tokenizer, config.bpe_vocab_size, config.data_source)
+    if is_main and world_size > 1:
+        dist.barrier()
+    train_windows = PackedWindows(data.train, config.context_length, "the training split")
+    val_windows = PackedWindows(data.validation, config.context_length, "the validation split")
+    batches = ShuffledBatches(train_windows, config.batch_size, config.seed)
+
+    model = GPT(config.model_config(data.tokenizer.vocab_size)).to(device)
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr,
+                                  betas=(0.9, 0.95), fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+    start_step = 0
+    if config.resume:
+        state = load_checkpoint(checkpoint_path, map_location=device)
+        _check_resumable(state["config"], config)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_step = state["data_step"]
+        if start_step >= (config.stop_at or config.steps):
+            raise ValueError(f"{checkpoint_path} is already at step {start_step}: nothing left to train "
+                             f"(raise --steps or --stop-at, or start a fresh run without --resume)")
+    forward = model
+    if world_size > 1:
+        forward = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:
+        forward = torch.compile(forward)
+
+    log = JsonlLog(out / "log.jsonl", resume_from_step=start_step if config.resume else None) if is_main else None
+    if is_main:
+        (out / "tokenizer.json").write_text(data.tokenizer.backend.to_str())
+    end_step = config.stop_at or config.steps
+    tokens_per_step = config.batch_size * config.context_length
+    train_loss = val_loss = None
+    train_time, interval_start, interval_steps = 0.0, time.perf_counter(), 0
+    bar = tqdm(total=config.steps, initial=start_step, desc=f"{config.attention}+{config.pos}",
+               unit="step", disable=not is_main)
+    for step in range(start_step, end_step):
+        x, y = (t.to(device, non_blocking=True) for t in batches.batch(step, rank, world_size))
+        with autocast(device):
+            _, loss = forward(x, y)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        interval_steps += 1
+        bar.update(1)
+        if done % config.log_every == 0 or done == end_step:
+            train_loss = _all_reduce_(loss.detach().float(), world_size).item() / world_size
+            elapsed = time.perf_counter() - interval_start  # .item() above synchronised the GPU
+            train_time += elapsed
+            tokens_per_s = interval_steps * tokens_per_step / elapsed
+            if is_main:
+                log.write(step=done, train_loss=train_loss, lr=scheduler.get_last_lr()[0],
+                          grad_norm=grad_norm.item(), tokens_per_s=tokens_per_s)
+                bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+            interval_start, interval_steps = time.perf_counter(), 0
+        pause_start = time.perf_counter()  # evaluation and checkpoints are not training throughput
+        if done % config.eval_every == 0 or done == end_step:
+            val_loss = evaluate(model, val_windows, config, device, rank, world_size)
+            if is_main:
+                log.write(step=done, val_loss=val_loss, val_perplexity=math.exp(val_loss),
+                          param_norms=parameter_norms(model))
+        if is_main and (done % config.checkpoint_every == 0 or done == end_step):
+            save_checkpoint(checkpoint_path, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                            scheduler=scheduler.state_dict(), data_step=done, config=asdict(config))
+        interval_start += time.perf_counter() - pause_start
+    bar.close()
+    steps_run = end_step - start_step
+    summary = {
+        "config": asdict(config),
+        "model": asdict(model.config),
+        "parameters": model.num_parameters(),
+        "environment": environment(device),
+        "world_size": world_size,
+        "data": {**data.sources, "tokenizer": data.tokenizer.name, "train_tokens": len(data.train),
+                 "validation_tokens": len(data.validation),
+                 "layout": f"packed windows of {config.context_length} + 1 tokens"},
+        "steps_done": end_step,
+        "completed": end_step == config.steps,
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+        "val_perplexity": math.exp(val_loss) if val_loss is not None else None,
+        "tokens_per_s": steps_run * tokens_per_step / train_time if train_time > 0 else None,
+    }
+    if is_main and config.sample_tokens > 0:
+        summary["sample"] = sample_text(model, data.tokenizer, SAMPLE_PROMPT, config.sample_tokens)
+    if is_main:
+        write_json(out / "summary.json", summary)
+    return summary
+
+
+@torch.no_grad()
+def sample_text(model: GPT, tokenizer: TextTokenizer, prompt: str, max_new_tokens: int,
+                temperature: float = 0.0, top_k: int | None = None, seed: int = 0) -> str:
+    """Continue `prompt` with the KV-cached generator; greedy unless temperature > 0."""
+    device = next(model.parameters()).device
+    idx = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with autocast(device):
+        out = model.generate(idx, max_new_tokens, temperature, top_k, generator=generator)
+    return tokenizer.decode(out[0].tolist())
+
+
+def load_run(out: str | Path, device: str = "auto") -> tuple[GPT, TextTokenizer]:
+    """The trained model and its tokenizer from a run folder (for the book's chapters)."""
+    from tokenizers import Tokenizer
+    out = Path(out)
+    state = load_checkpoint(out / "checkpoint.pt", map_location="cpu")
+    config = LMConfig(**state["config"])
+    backend = Tokenizer.from_file(str(out / "tokenizer.json"))
+    eot = backend.token_to_id("<|endoftext|>")
+    model = GPT(config.model_config(backend.get_vocab_size()))
+    model.load_state_dict(state["model"])
+    name = "gpt2" if config.tokenizer == "gpt2" else f"bpe{config.bpe_vocab_size}"
+    return model.to(resolve_device(device)).eval(), TextTokenizer(name, backend, eot)
+
+
+def parse_args(argv: list[str] | None = None) -> LMConfig:
+    d = LMConfig()
+    p = argparse.ArgumentParser(prog="python -m rbf_lite.lm", description=__doc__.splitlines()[0])
+    p.add_argument("--attention", choices=ATTENTION_KINDS, default=d.attention)
+    p.add_argument("--pos", choices=POSITIONAL_KINDS, default=d.pos)
+    p.add_argument("--registers", type=int, default=d.registers, help="register tokens prepended")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--data", default=d.data, help="TinyStories text file or folder (else "
+                   "$RBF_LITE_DATA, ../shared/data, then the hub)")
+    p.add_argument("--data-source", choices=("auto", "local", "hub"), default=d.data_source)
+    p.add_argument("--out", default=d.out, help="run folder: log.jsonl, summary.json, checkpoint.pt")
+    p.add_argument("--d-model", type=int, default=d.d_model)
+    p.add_argument("--layers", type=int, default=d.n_layers)
+    p.add_argument("--heads", type=int, default=d.n_heads)
+    p.add_argument("--context", type=int, default=d.context_length)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (all processes)")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
+    p.add_argument("--warmup", type=int, default=d.warmup_steps)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    p.add_argument("--tokenizer", choices=TOKENIZERS, default=d.tokenizer)
+    p.add_argument("--bpe-vocab", type=int, default=d.bpe_vocab_size)
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--eval-batches", type=int, default=d.eval_batches)
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--sample-tokens", type=int, default=d.sample_tokens)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--stop-at", type=int, default=d.stop_at, help="stop early after this step")
+    a = p.parse_args(argv)
+    return LMConfig(attention=a.attention, pos=a.pos, registers=a.registers, d_model=a.d_model,
+                    n_layers=a.layers, n_heads=a.heads, context_length=a.context, steps=a.steps,
+                    batch_size=a.batch_size, lr=a.lr, min_lr_ratio=a.min_lr_ratio,
+                    warmup_steps=a.warmup, weight_decay=a.weight_decay, grad_clip=a.grad_clip,
+                    seed=a.seed, data=a.data, data_source=a.data_source, tokenizer=a.tokenizer,
+                    bpe_vocab_size=a.bpe_vocab, eval_every=a.eval_every, eval_batches=a.eval_batches,
+                    log_every=a.log_every, checkpoint_every=a.checkpoint_every,
+                    sample_tokens=a.sample_tokens, out=a.out, device=a.device, compile=a.compile,
+                    resume=a.resume, stop_at=a.stop_at)
+
+
+def main(argv: list[str] | None = None) -> None:
+    summary = train(parse_args(argv))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"train_loss {summary['train_loss']:.4f}  val_loss {summary['val_loss']:.4f}  "
+              f"tokens/s {summary['tokens_per_s']:,.0f}  -> {summary['config']['out']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Classification, calibration and out-of-distribution metrics, on NumPy arrays.
+
+Probabilities come in as (N, C) rows. For a HALO head C = K + 1 with the abstain class last:
+predictions are the argmax over all K + 1 columns, and an abstention on an in-distribution image
+counts as a wrong prediction (labels are never "abstain") with confidence p(abstain), in accuracy
+and ECE alike. `abstain_rate` and `known_accuracy` (argmax over the K known classes only) say how
+much of the error abstention accounts for.
+
+OOD detection treats in-distribution as the positive class, higher score = more in-distribution:
+AUROC, FPR at 95% TPR and AUPR (average precision, in-distribution positive) all follow that
+convention, which is also scikit-learn's for `roc_auc_score(y, score)` with y = 1 in-distribution.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _check_probabilities(probs: np.ndarray, labels: np.ndarray | None = None) -> None:
+    if probs.ndim != 2 or probs.shape[0] == 0:
+        raise ValueError(f"probabilities must have shape (N > 0, classes), got {probs.shape}")
+    if labels is not None:
+        if labels.shape != probs.shape[:1]:
+            raise ValueError(f"labels must have shape ({probs.shape[0]},), got {labels.shape}")
+        if labels.min() < 0 or labels.max() >= probs.shape[1]:
+            raise ValueError(f"labels must lie in [0, {probs.shape[1]}), got [{labels.min()}, {labels.max()}]")
+
+
+def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    _check_probabilities(probs, labels)
+    return float((probs.argmax(axis=1) == labels).mean())
+
+
+def nll(probs: np.ndarray, labels: np.ndarray, floor: float = 1e-12) -> float:
+    """Mean negative log-probability of the true label (floored, so one zero does not give inf)."""
+    _check_probabilities(probs, labels)
+    return float(-np.log(np.maximum(probs[np.arange(len(labels)), labels], floor)).mean())
+
+
+def ece(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """Expected calibration error: 15 equal-width confidence bins (lo, hi], |accuracy - confidence|
+    weighted by the fraction of examples in each bin. Confidence 0 falls in the first bin."""
+    _check_probabilities(probs, labels)
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        members = which == b
+        if members.any():
+            total += members.mean() * abs(correct[members].mean() - confidence[members].mean())
+    return float(total)
+
+
+def _curve(scores_in: np.ndarray, scores_out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """True- and false-positive counts at every distinct threshold, from the highest score down."""
+    scores_in, scores_out = np.asarray(scores_in, float).ravel(), np.asarray(scores_out, float).ravel()
+    if len(scores_in) == 0 or len(scores_out) == 0:
+        raise ValueError(f"need in- and out-of-distribution scores, got {len(scores_in)} and {len(scores_out)}")
+    if not (np.isfinite(scores_in).all() and np.isfinite(scores_out).all()):
+        raise ValueError("scores must be finite")
+    scores = np.concatenate([scores_in, scores_out])
+    positive = np.concatenate([np.ones(len(scores_in)), np.zeros(len(scores_out))])
+    order = np.argsort(-scores, kind="stable")
+    scores, positive = scores[order], positive[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]
+    true_pos = np.cumsum(positive)[last_of_tie]
+    false_pos = (last_of_tie + 1) - true_pos
+    return true_pos, false_pos
+
+
+def auroc(scores_in: np.ndarray, scores_out: np.ndarray) -> float:
+    """Area under the ROC curve (trapezoids, so tied scores count one half)."""
+    true_pos, false_pos = _curve(scores_in, scores_out)
+    tpr = np.r_[0.0, true_pos / true_pos[-1]]
+    fpr = np.r_[0.0, false_pos / false_pos[-1]]
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+
+
+def fpr_at_tpr(scores_in: np.ndarray, scores_out: np.ndarray, tpr_level: float = 0.95) -> float:
+    """False-positive rate at the highest threshold that keeps >= tpr_level of in-distribution."""
+    true_pos, false_pos = _curve(scores_in, scores_out)
+    first = np.searchsorted(true_pos / true_pos[-1], tpr_level - 1e-12)
+    return float(false_pos[first] / false_pos[-1])
+
+
+def aupr(scores_in: np.ndarray, scores_out: np.ndarray) -> float:
+    """Average precision with in-distribution positive: sum of precision x recall increments."""
+    true_pos, false_pos = _curve(scores_in, scores_out)
+    recall = np.r_[0.0, true_pos / true_pos[-1]]
+    precision = true_pos / (true_pos + false_pos)
+    return float(np.sum(np.diff(recall) * precision))
+
+
+def detection(scores_in: np.ndarray, scores_out: np.ndarray) -> dict[str, float]:
+    return {"auroc": auroc(scores_in, scores_out), "fpr95": fpr_at_tpr(scores_in, scores_out),
+            "aupr": aupr(scores_in, scores_out)}
+
+
+def ood_scores(probs: np.ndarray, abstains: bool) -> dict[str, np.ndarray]:
+    """Higher = more in-distribution. Linear head: maximum softmax probability. HALO: the maximum
+    known-class probability, and 1 - p(abstain)."""
+    _check_probabilities(probs)
+    if not abstains:
+        return {"msp": probs.max(axis=1)}
+    return {"max_known": probs[:, :-1].max(axis=1), "not_abstain": 1 - probs[:, -1]}
+
+
+def classification(probs: np.ndarray, labels: np.ndarray, abstains: bool) -> dict[str, float]:
+    """accuracy, nll, ece, and for an abstaining head abstain_rate and known_accuracy."""
+    result = {"accuracy": accuracy(probs, labels), "nll": nll(probs, labels), "ece": ece(probs, labels)}
+    if abstains:
+        result["abstain_rate"] = float((probs.argmax(axis=1) == probs.shape[1] - 1).mean())
+        result["known_accuracy"] = accuracy(probs[:, :-1], labels)
+    return result
+
+
+def pca(embeddings: np.ndarray, components: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Project onto the top principal components; returns (projected, explained variance ratio)."""
+    if embeddings.ndim != 2 or embeddings.shape[0] < 2:
+        raise ValueError(f"embeddings must have shape (N >= 2, D), got {embeddings.shape}")
+    if not 0 < components <= embeddings.shape[1]:
+        raise ValueError(f"components must lie in [1, {embeddings.shape[1]}], got {components}")
+    centred = embeddings - embeddings.mean(axis=0)
+    _, singular, axes = np.linalg.svd(centred, full_matrices=False)
+    variance = singular ** 2
+    return centred @ axes[:components].T, variance[:components] / variance.sum()

@@ -1,0 +1,125 @@
+"""Scaled RBF attention: softmax(-c||q_i - k_j||^2) v, the public entry point.
+
+Expanding the distance, -c||q-k||^2 = c(2 q.k - ||k||^2) - c||q||^2, and the last term is constant
+along each softmax row, so it cancels: RBF attention is dot-product attention (with the logits
+doubled) minus a key-norm penalty. `rbf_attention` validates its inputs, then runs either the fused
+Triton kernels in `rbf_lite.kernels` or a pure-PyTorch reference with the same semantics.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+import os
+
+import torch
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+BACKENDS = ("auto", "triton", "torch")
+
+
+@torch.compiler.assume_constant_result
+def triton_available(device: torch.device | str | None = None) -> bool:
+    """True when the fused kernels can run on `device`.
+
+    On CUDA that needs Triton and compute capability >= 8.0 (Ampere or newer: a T4 is 7.5); on the
+    CPU only Triton's interpreter (TRITON_INTERPRET=1) can run them.
+    """
+    device = torch.device(device) if device is not None else (
+        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    if not _triton_installed():
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_available() and _capability(device.index)[0] >= 8
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int | None) -> tuple[int, int]:
+    """Cached: this sits on every call's path, and the training shape is launch-bound."""
+    return torch.cuda.get_device_capability(index)
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allow_float64: bool) -> None:
+    dtypes = SUPPORTED_DTYPES + ((torch.float64,) if allow_float64 else ())
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape (B, H, N, D), got {t.dim()} dims: {tuple(t.shape)}")
+        if t.dtype not in dtypes:
+            raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32"
+                            + (" and float64 (backend='torch' only)" if not allow_float64 else ", float64"))
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    (bq, hq, _, dq), (bk, hk, nk, dk), (bv, hv, nv, dv) = q.shape, k.shape, v.shape
+    if (bq, hq) != (bk, hk) or (bq, hq) != (bv, hv):
+        raise ValueError(f"batch and head sizes differ: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if nk != nv:
+        raise ValueError(f"k and v must have the same sequence length, got {nk} and {nv}")
+    if not (dq == dk == dv):
+        raise ValueError(f"q, k, v must share the head dimension D, got {dq}, {dk}, {dv}")
+    if nk == 0 or q.shape[2] == 0:
+        raise ValueError(f"sequence length must be >= 1, got q {q.shape[2]}, k {nk}")
+
+
+def rbf_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                            scale: float | None = None, return_weights: bool = False):
+    """Plain PyTorch RBF attention, written in the distance form; materialises the N x M matrix.
+
+    Computes in float32 (float64 stays float64) and returns v's dtype. With causal=True and
+    N queries against M keys, query i sees keys j <= i + (M - N): the queries are the last N
+    positions, as during generation with a KV cache.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
+    scores = -scale * torch.cdist(qf, kf).square() if acc == torch.float64 else \
+        scale * (2 * qf @ kf.transpose(-1, -2) - kf.square().sum(-1)[..., None, :])
+    if causal:
+        n, m = q.shape[-2], k.shape[-2]
+        visible = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(diagonal=m - n)
+        scores = scores.masked_fill(~visible, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    out = (weights @ vf).to(v.dtype)
+    return (out, weights) if return_weights else out
+
+
+def rbf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                  scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+    """Scaled RBF attention, softmax_j(-scale * ||q_i - k_j||^2) v_j, on (B, H, N, D) tensors.
+
+    backend: "triton" runs the fused FlashAttention-style kernels (GPU with compute capability
+    >= 8.0, or any device under TRITON_INTERPRET=1); "torch" runs `rbf_attention_reference`;
+    "auto" picks Triton when it can run and the reference otherwise. scale defaults to 1/sqrt(D).
+    Inputs may be strided views (e.g. slices of one fused qkv projection): the kernels read them
+    through their strides without copying.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _check_inputs(q, k, v, allow_float64=backend == "torch")
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dimension D={q.shape[-1]} is not supported; supported: {SUPPORTED_HEAD_DIMS}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    if causal and q.shape[2] > k.shape[2]:
+        raise ValueError(f"causal attention needs at least as many keys as queries (queries are aligned "
+                         f"with the last keys), got {q.shape[2]} queries and {k.shape[2]} keys")
+    use_triton = backend == "triton" or (backend == "auto" and triton_available(q.device))
+    if backend == "triton" and not triton_available(q.device):
+        raise RuntimeError("backend='triton' needs Triton on a CUDA GPU with compute capability >= 8.0, "
+                           "or TRITON_INTERPRET=1 for CPU tensors; use backend='torch' or 'auto'")
+    if not use_triton:
+        return rbf_attention_reference(q, k, v, causal, float(scale))
+    from .kernels.rbf_attention import rbf_attention_op
+    return rbf_attention_op(q, k, v, causal, float(scale))

@@ -1,0 +1,155 @@
+"""The image data, GPU-style augmentation, and short CPU training runs on real CIFAR-10 images.
+
+Tests that need CIFAR-10 skip cleanly when ../shared/data (or $RBF_LITE_DATA) does not hold it.
+The first run decodes all 60k JPEGs into the cache (about 10 s); later runs load the cache.
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import rbf_lite.data
+from rbf_lite import cifar
+from rbf_lite.data import DataNotFoundError
+from rbf_lite.data import images as image_data
+from rbf_lite.models.resnet import ResNet18
+from rbf_lite.runs import read_jsonl
+
+
+@pytest.fixture(scope="module")
+def cifar10_test():
+    try:
+        return image_data.load_dataset("cifar10", "test")
+    except DataNotFoundError as error:
+        pytest.skip(f"CIFAR-10 not available offline: {str(error).splitlines()[0]}")
+
+
+def tiny_config(tmp_path, **changes):
+    settings = dict(subset=256, test_subset=100, width=8, batch_size=64, lr=0.05, epochs=2,
+                    ood="mnist,uniform-noise", out=str(tmp_path), log_every=2, device="cpu")
+    return cifar.Config(**{**settings, **changes})
+
+
+def test_cifar10_loads_with_its_classes(cifar10_test):
+    assert cifar10_test.images.shape == (10_000, 32, 32, 3) and cifar10_test.images.dtype == np.uint8
+    assert cifar10_test.classes[:3] == ("airplane", "automobile", "bird")
+    assert np.bincount(cifar10_test.labels).tolist() == [1000] * 10
+    known, held_out = image_data.open_set(cifar10_test, image_data.OPEN_SET_SPLITS["cifar10-6v4"][1])
+    assert len(known) == 6000 and len(held_out) == 4000 and known.labels.max() == 5
+    assert held_out.classes == ("deer", "dog", "frog", "horse")
+
+
+def test_idx_sets_are_padded_grey_rgb():
+    try:
+        mnist = image_data.load_idx("mnist")
+    except DataNotFoundError:
+        pytest.skip("MNIST not available offline")
+    assert mnist.images.shape == (10_000, 32, 32, 3)
+    assert (mnist.images[:, :2] == 0).all() and (mnist.images[:, :, -2:] == 0).all()
+    assert (mnist.images[..., 0] == mnist.images[..., 2]).all() and mnist.images.max() == 255
+
+
+def test_missing_data_says_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.setattr(rbf_lite.data, "candidate_roots", lambda path=None: [tmp_path])
+    with pytest.raises(DataNotFoundError, match=str(tmp_path)):
+        image_data.load_idx("fashion-mnist", tmp_path)
+    with pytest.raises(ValueError, match="unknown dataset"):
+        image_data.load_dataset("imagenet", "train")
+
+
+def test_image_folder_tree_round_trip(tmp_path, monkeypatch):
+    """A small JPEG tree written here decodes to the same classes, counts and (nearly) pixels."""
+    Image = pytest.importorskip("PIL.Image")
+    monkeypatch.setenv("RBF_LITE_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng()
+    originals = {}
+    for split, per_class in (("train", 3), ("test", 2)):
+        for cls in ("cat", "ant"):
+            (tmp_path / "toy" / split / cls).mkdir(parents=True)
+            for i in range(per_class):
+                image = np.full((32, 32, 3), rng.integers(0, 256, 3), dtype=np.uint8)
+                Image.fromarray(image).save(tmp_path / "toy" / split / cls / f"{i}.png")
+                originals[(split, cls, i)] = image
+    train = image_data.load_image_folder(tmp_path / "toy", "train")
+    assert train.classes == ("ant", "cat") and train.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    np.testing.assert_array_equal(train.images[3], originals[("train", "cat", 0)])
+    assert len(image_data.load_image_folder(tmp_path / "toy", "test")) == 4
+
+
+def test_augment_is_a_shifted_and_possibly_flipped_crop():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8)
+    mean, std = torch.zeros(3), torch.ones(3)
+    out = image_data.augment(images, mean, std)
+    assert out.shape == (64, 3, 32, 32) and out.is_contiguous(memory_format=torch.channels_last)
+    padded = torch.nn.functional.pad(images, (0, 0, 4, 4, 4, 4)).permute(0, 3, 1, 2).float() / 255
+    flips = 0
+    for b in range(64):
+        windows = [(dy, dx, flip) for dy in range(9) for dx in range(9) for flip in (False, True)
+                   if torch.equal(out[b], (lambda w: w.flip(-1) if flip else w)(padded[b, :, dy:dy + 32, dx:dx + 32]))]
+        assert windows, f"image {b} is not a crop of its padded original"
+        flips += windows[0][2]
+    assert 10 < flips < 54  # about half flipped
+
+
+def test_resnet_shapes():
+    model = ResNet18(embed_dim=10, width=4)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="images must have shape"):
+        model(torch.randn(3, 32, 32))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["cce", "halo"])
+def test_short_training_lowers_the_loss(loss, cifar10_test, tmp_path):
+    trainer = cifar.Trainer(tiny_config(tmp_path, loss=loss, epochs=8, ood=""))
+    trainer.calibrate()
+
+    @torch.no_grad()
+    def loss_on_training_images():
+        embedded = trainer.embed(image_data.normalise(trainer.images, trainer.mean, trainer.std))
+        return trainer.head(embedded, trainer.labels)[0].item()
+
+    before = loss_on_training_images()
+    for _ in range(8):
+        trainer.train_epoch()
+    after = loss_on_training_images()
+    assert after < 0.92 * before, (before, after)
+
+
+@pytest.mark.slow
+def test_cli_writes_summary_and_resumes_exactly(cifar10_test, tmp_path):
+    flags = ["--loss", "halo", "--epochs", "2", "--seed", "3", "--subset", "128", "--test-subset", "64",
+             "--width", "4", "--batch-size", "32", "--ood", "mnist,uniform-noise", "--device", "cpu"]
+    straight = cifar.main(flags + ["--out", str(tmp_path / "straight")])
+    stored = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    for key in ("config", "device", "torch", "commit", "command", "accuracy", "nll", "ece"):
+        assert key in stored
+    assert set(stored["ood"]) == {"mnist", "uniform-noise"}
+    for scores in stored["ood"].values():
+        assert set(scores) == {"max_known", "not_abstain"}
+        assert all(set(v) == {"auroc", "fpr95", "aupr"} for v in scores.values())
+    log = read_jsonl(tmp_path / "straight" / "log.jsonl")
+    assert log[0]["event"] == "start" and log[-1]["event"] == "end"
+
+    # Interrupt after one epoch, then resume: the same numbers as the uninterrupted run.
+    interrupted = cifar.Trainer(cifar.parse_args(flags + ["--out", str(tmp_path / "resumed")]))
+    interrupted.calibrate()
+    interrupted.train_epoch()
+    interrupted.save()
+    resumed = cifar.main(flags + ["--out", str(tmp_path / "resumed"), "--resume"])
+    for key in ("accuracy", "nll", "ece", "ood", "gamma"):
+        assert resumed[key] == straight[key], key
+
+    with pytest.raises(ValueError, match="lr"):
+        cifar.main(flags + ["--out", str(tmp_path / "resumed"), "--resume", "--lr", "0.3"])
+
+
+def test_bad_configuration(tmp_path):
+    with pytest.raises(SystemExit):
+        cifar.parse_args(["--epochs", "many"])
+    with pytest.raises(ValueError, match="loss must be one of"):
+        cifar.Config(loss="hinge")
+    with pytest.raises(ValueError, match="unknown OOD sets"):
+        cifar.Config(ood="mnist,imagenet-o")

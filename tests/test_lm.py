@@ -1,0 +1,253 @@
+"""The tiny GPT (registers, KV-cache generation), its trainer (loss goes down, exact resume,
+DDP = one process), the CLI, and the inspection helpers."""
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from rbf_lite.attention import ATTENTION_KINDS, KVCache
+from rbf_lite.bench.lm_step import CASES
+from rbf_lite.bench.lm_step import main as run_step_benchmark
+from rbf_lite.inspect_norms import key_norm_histograms, norm_trajectories, prompt_attention_maps, qk_norms
+from rbf_lite.lm import LMConfig, load_run, parse_args, train
+from rbf_lite.models.gpt import GPT, GPTConfig
+from rbf_lite.positional import POSITIONAL_KINDS
+from rbf_lite.runs import read_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile",
+                                        "ignore:FlexAttention has no backward pass on the CPU")
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    """Token caches go to this session's temp folder; the CPU runs `rbf` through the reference
+    (what it does without TRITON_INTERPRET) so that training stays fast."""
+    monkeypatch.setenv("RBF_LITE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+@pytest.fixture(scope="module")
+def generated_text(tmp_path_factory) -> Path:
+    """Template stories, for when the real sample is absent (and for the fast tests)."""
+    rng = random.Random(0)
+    names, things = ["Tom", "Lily", "Sam", "Mia", "Ben"], ["ball", "cat", "kite", "cake", "boat", "tree"]
+    stories = [f"{a} had a {t}. The {t} was {c}. {a} gave the {t} to {b}, and {b} was happy."
+               for a, b, t, c in ((rng.choice(names), rng.choice(names), rng.choice(things),
+                                   rng.choice(["red", "big", "soft", "old"])) for _ in range(600))]
+    path = tmp_path_factory.mktemp("text") / "stories.txt"
+    path.write_text("\n<|endoftext|>\n".join(stories))
+    return path
+
+
+def tiny(out: Path, data, **overrides) -> LMConfig:
+    config = LMConfig(attention="rbf", pos="susie", registers=1, d_model=64, n_layers=2, n_heads=2,
+                      context_length=32, steps=30, batch_size=8, lr=3e-3, warmup_steps=5,
+                      tokenizer="bpe", bpe_vocab_size=384, eval_every=1000, eval_batches=2, log_every=1,
+                      checkpoint_every=1000, sample_tokens=4, data=str(data), out=str(out), device="cpu")
+    return replace(config, **overrides)
+
+
+def small_model(attention="rbf", pos="susie", registers=2, context=8) -> GPT:
+    return GPT(GPTConfig(vocab_size=37, context_length=context, d_model=32, n_layers=2, n_heads=2,
+                         attention=attention, pos=pos, num_registers=registers))
+
+
+# ---------------------------------------------------------------- model
+
+
+@pytest.mark.parametrize("attention", ATTENTION_KINDS)
+def test_registers_start_at_zero_for_distance_attention_only(attention):
+    model = small_model(attention)
+    if attention.startswith("rbf"):
+        assert torch.all(model.registers == 0)
+        norms = qk_norms(model, torch.randint(0, 37, (2, 5)))
+        assert torch.all(norms[0]["k"][..., :2] == 0)  # a zero register's key is zero: distance ||q||
+    else:
+        assert 0.005 < model.registers.std() < 0.05
+    logits, loss = model(torch.randint(0, 37, (2, 5)), torch.randint(0, 37, (2, 5)))
+    assert logits.shape == (2, 5, 37)  # registers never reach the LM head
+    loss.backward()
+    assert model.registers.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("attention", ATTENTION_KINDS)
+@pytest.mark.parametrize("pos", POSITIONAL_KINDS)
+def test_kv_cache_logits_and_generation_equal_full_recomputation(attention, pos):
+    model = small_model(attention, pos)
+    tokens = torch.randint(0, 37, (2, 8))
+    with torch.no_grad():
+        full, _ = model(tokens)
+        cache = KVCache(model.config.n_layers)
+        stepwise = torch.cat([model(tokens[:, :3], cache=cache)[0]] +
+                             [model(tokens[:, i:i + 1], cache=cache)[0] for i in range(3, 8)], dim=1)
+    torch.testing.assert_close(stepwise, full, atol=1e-5, rtol=1e-4)
+    prompt = tokens[:, :3]  # 3 + 14 tokens run past the context of 8: the cache must be rebuilt
+    assert torch.equal(model.generate(prompt, 14, temperature=0),
+                       model.generate(prompt, 14, temperature=0, use_cache=False))
+    sampled = [model.generate(prompt, 14, temperature=0.8, top_k=5, use_cache=use,
+                              generator=torch.Generator().manual_seed(5)) for use in (True, False)]
+    assert torch.equal(*sampled)
+
+
+def test_bad_model_inputs_are_named():
+    with pytest.raises(ValueError, match="attention must be one of"):
+        GPTConfig(attention="linear")
+    with pytest.raises(ValueError, match="head dims"):
+        GPTConfig(d_model=48, n_heads=2, attention="rbf")
+    with pytest.raises(ValueError, match="num_registers"):
+        GPTConfig(num_registers=-1)
+    model = small_model()
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 37\)"):
+        model(torch.tensor([[3, 40]]))
+    with pytest.raises(ValueError, match="exceed the context length"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="torch.long"):
+        model(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(torch.zeros(1, 2, dtype=torch.long), 3, temperature=-1)
+
+
+# ---------------------------------------------------------------- inspection
+
+
+def test_inspection_helpers_shapes():
+    model = small_model(registers=1)
+    idx = torch.randint(0, 37, (3, 6))
+    norms = qk_norms(model, idx)
+    assert len(norms) == 2 and norms[0]["q"].shape == (3, 2, 7) and torch.all(norms[1]["k"] >= 0)
+    hist = key_norm_histograms(model, idx, bins=10)
+    assert hist[0]["counts"].sum() == 3 * 2 * 6 and len(hist[0]["edges"]) == 11
+
+    class CharTokenizer:
+        def encode(self, text):
+            return [ord(c) % 37 for c in text]
+
+        def decode(self, ids):
+            return "".join(chr(97 + i % 26) for i in ids)
+
+    labels, maps = prompt_attention_maps(model, CharTokenizer(), "hello")
+    assert labels[0] == "<reg0>" and len(labels) == 6 and maps[0].shape == (2, 6, 6)
+
+
+# ---------------------------------------------------------------- training
+
+
+def losses(out: Path, key: str) -> list[float]:
+    return [r[key] for r in read_jsonl(out / "log.jsonl") if key in r]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attention", ["sdpa", "sdpa_qknorm", "rbf"])
+def test_training_on_the_tinystories_sample_lowers_the_loss(attention, shared_data, tmp_path):
+    config = tiny(tmp_path / attention, shared_data / "tinystories", attention=attention,
+                  pos="rope" if attention.startswith("sdpa") else "susie", bpe_vocab_size=512)
+    summary = train(config)
+    train_losses = losses(tmp_path / attention, "train_loss")
+    assert len(train_losses) == 30 and train_losses[0] > math.log(512) - 0.3
+    assert summary["train_loss"] < train_losses[0] - 0.5 and summary["val_loss"] < train_losses[0] - 0.5
+    assert "train-sample.txt" in summary["data"]["train"] and summary["completed"]
+
+
+@pytest.mark.slow
+def test_training_on_generated_text_lowers_the_loss(generated_text, tmp_path):
+    summary = train(tiny(tmp_path / "run", generated_text))
+    first = losses(tmp_path / "run", "train_loss")[0]
+    assert summary["train_loss"] < first - 1.0 and summary["val_loss"] < first - 1.0
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert saved["config"]["attention"] == "rbf" and saved["environment"]["torch"] == torch.__version__
+    assert saved["tokens_per_s"] > 0 and isinstance(saved["sample"], str)
+    trajectories = norm_trajectories(tmp_path / "run" / "log.jsonl")
+    assert trajectories["registers"][0] == [30]
+    model, tokenizer = load_run(tmp_path / "run", device="cpu")
+    assert model.config.attention == "rbf" and tokenizer.decode(tokenizer.encode("Tom had")) == "Tom had"
+
+
+def test_interrupted_and_resumed_run_ends_bit_identical(generated_text, tmp_path):
+    config = tiny(tmp_path / "straight", generated_text, steps=10, eval_every=4, log_every=2)
+    straight = train(config)
+    interrupted = replace(config, out=str(tmp_path / "resumed"))
+    train(replace(interrupted, stop_at=4))  # on the log and eval grid, so the logs match too
+    resumed = train(replace(interrupted, resume=True))
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert resumed["train_loss"] == straight["train_loss"] and resumed["val_loss"] == straight["val_loss"]
+    assert without_timing(tmp_path / "resumed") == without_timing(tmp_path / "straight")
+
+
+def without_timing(out: Path) -> list[dict]:
+    """Log records minus throughput, the one thing a resumed run may legitimately log differently."""
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in read_jsonl(out / "log.jsonl")]
+
+
+def test_resume_refuses_a_changed_config_or_a_missing_checkpoint(generated_text, tmp_path):
+    config = tiny(tmp_path / "run", generated_text, steps=4)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(replace(config, resume=True))
+    train(replace(config, stop_at=2))
+    with pytest.raises(ValueError, match="different lr"):
+        train(replace(config, resume=True, lr=1e-2))
+    with pytest.raises(ValueError, match="already at step 2"):
+        train(replace(config, resume=True, stop_at=2))
+
+
+def run_cli(args: list[str], out: Path, nproc: int = 1) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    launcher = [sys.executable, "-m", "rbf_lite.lm"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "-m", "rbf_lite.lm"]
+    done = subprocess.run(launcher + args + ["--out", str(out)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process_on_the_same_global_batch(generated_text, tmp_path):
+    args = ["--attention", "rbf", "--pos", "susie", "--registers", "1", "--steps", "6", "--seed", "3",
+            "--data", str(generated_text), "--d-model", "64", "--layers", "2", "--heads", "2",
+            "--context", "32", "--batch-size", "8", "--tokenizer", "bpe", "--bpe-vocab", "384",
+            "--eval-batches", "2", "--lr", "3e-3", "--warmup", "2", "--sample-tokens", "0", "--device", "cpu"]
+    single = run_cli(args, tmp_path / "one")
+    ddp = run_cli(args, tmp_path / "ddp", nproc=2)
+    assert ddp["world_size"] == 2 and single["world_size"] == 1
+    assert ddp["train_loss"] == pytest.approx(single["train_loss"], rel=1e-4)
+    assert ddp["val_loss"] == pytest.approx(single["val_loss"], rel=1e-4)
+    a = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert (tmp_path / "ddp" / "log.jsonl").exists() and "--steps 6" in single["environment"]["command"]
+
+
+def test_cli_flags_map_to_the_config_and_bad_values_fail():
+    config = parse_args(["--attention", "sdpa_qknorm", "--pos", "rope", "--registers", "3", "--steps", "7",
+                         "--seed", "2", "--data", "x.txt", "--out", "o", "--d-model", "128", "--batch-size", "4"])
+    assert (config.attention, config.pos, config.registers, config.steps, config.seed, config.data,
+            config.out, config.d_model, config.batch_size) == ("sdpa_qknorm", "rope", 3, 7, 2, "x.txt", "o", 128, 4)
+    assert parse_args([]).d_model == 256 and parse_args([]).n_layers == 4 and parse_args([]).registers == 1
+    with pytest.raises(SystemExit):
+        parse_args(["--attention", "cosine"])
+    with pytest.raises(ValueError, match="stop_at"):
+        LMConfig(steps=5, stop_at=9)
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        LMConfig(steps=0)
+
+
+def test_step_benchmark_writes_timings_and_ratios(tmp_path):
+    report = run_step_benchmark(["--out", str(tmp_path / "bench.json"), "--batch-size", "2", "--context", "16",
+                    "--d-model", "32", "--heads", "2", "--layers", "1", "--vocab", "64", "--steps", "2",
+                    "--warmup", "1", "--device", "cpu"])
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["results"] == report["results"] and len(report["results"]) == len(CASES)
+    assert [(r["attention"], r["pos"]) for r in report["results"]] == list(CASES)
+    assert report["results"][0]["time_ratio_vs_sdpa"] == 1.0
+    assert all(r["tokens_per_s"] > 0 for r in report["results"]) and "torch" in saved["environment"]

@@ -1,0 +1,227 @@
+"""The fused Triton kernels against a float64 reference: outputs and all three gradients.
+
+On a CPU-only machine these run the real kernels in Triton's interpreter (see conftest.py). Inputs
+are fresh random draws each run; every comparison is a relative Frobenius error with a tolerance
+stated per dtype:
+- fp32: the kernel multiplies in true fp32 ("ieee" dot): 2e-5.
+- fp16: P and dS are rounded to fp16 before their matmuls, as in FlashAttention: 1e-2.
+- bf16: 8 bits of mantissa instead of 11: 4e-2 (GPU only, see test_bfloat16_on_gpu).
+The float64 reference receives the same (already rounded) inputs, so the error measures the
+kernel, not the input rounding. Where the exact gradient is zero (dq and dk with a single visible
+key: the softmax is constant 1), a relative error is meaningless and the test bounds the absolute
+error by ZERO_GRAD_ATOL instead.
+"""
+import math
+
+import pytest
+import torch
+
+from rbf_lite import rbf_attention, rbf_attention_reference, triton_available
+
+TOL = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+ZERO_GRAD_ATOL = 1e-4
+needs_triton = pytest.mark.skipif(not triton_available(), reason="Triton can run neither on a GPU nor interpreted")
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(x).all(), "non-finite values in the kernel's result"
+    return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def check_against_float64(q, k, v, causal, scale=None, tol=None):
+    """Run kernel forward + backward and the float64 reference; assert every relative error < tol."""
+    tol = TOL[q.dtype] if tol is None else tol
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = rbf_attention(q, k, v, causal=causal, scale=scale, backend="triton")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = rbf_attention_reference(q64, k64, v64, causal=causal, scale=scale)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
+        assert got.shape == want.shape, name
+        if want.norm() < 1e-9 * want.numel() ** 0.5:
+            assert got.abs().max() < ZERO_GRAD_ATOL, f"{name} should be zero, got max |{name}| = {got.abs().max():.2e}"
+            continue
+        err = rel_err(got, want)
+        assert err < tol, f"{name}: relative error {err:.2e} >= {tol:.0e} ({q.dtype}, N={q.shape[2]}, causal={causal})"
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
+@pytest.mark.parametrize("n", [1, 17, 100, 257])
+def test_matches_float64_reference(n, head_dim, causal, dtype, device):
+    q, k, v = (torch.randn(2, 2, n, head_dim, device=device, dtype=dtype) for _ in range(3))
+    check_against_float64(q, k, v, causal)
+
+
+@needs_triton
+@pytest.mark.parametrize("causal", [True, False])
+def test_strided_views_of_one_projection(causal, device):
+    """q, k, v sliced out of one (B, N, 3, H, D) projection, as a fused qkv Linear produces them."""
+    B, N, H, D = 2, 45, 3, 32
+    qkv = torch.randn(B, N, 3, H, D, device=device)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    assert not q.is_contiguous()
+    check_against_float64(q, k, v, causal)
+
+
+@needs_triton
+def test_non_unit_last_stride(device):
+    """A head dimension that is not the fastest-moving axis must still be read correctly."""
+    q, k, v = (torch.randn(1, 2, 32, 33, device=device).transpose(-1, -2) for _ in range(3))
+    assert q.stride(-1) != 1
+    check_against_float64(q, k, v, causal=True)
+
+
+def rounding_scales(q, k, v, dout, causal):
+    """The size each result's error reaches when every P_ij carries a relative error of 1.
+
+    The sums behind dq and dk cancel (sum_j dS_ij = 0), and with nearly one-hot attention their
+    exact value can be far smaller than their terms, so their error is bounded by the terms'
+    magnitudes, not by the result's: |dS| <= P (|dP| + |Delta|) entry by entry.
+    """
+    q, k, v, dout = (t.double() for t in (q, k, v, dout))
+    _, p = rbf_attention_reference(q, k, v, causal=causal, return_weights=True)
+    ds_size = p * ((dout @ v.transpose(-1, -2)).abs() + (dout * (p @ v)).sum(-1, keepdim=True).abs())
+    return {"out": (p @ v.abs()).norm().item(), "dv": (p.transpose(-1, -2) @ dout.abs()).norm().item(),
+            "dq": (ds_size @ k.abs()).norm().item(),
+            "dk": (ds_size.transpose(-1, -2) @ q.abs() + k.abs() * ds_size.sum(-2)[..., None]).norm().item()}
+
+
+@needs_triton
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_large_key_norms_stay_finite(dtype, causal, device):
+    """Keys 30x longer than queries: scores of order -10^4 must not overflow the online softmax.
+
+    A score of size |s| is known to about eps32 * |s| in fp32, so P carries that relative error.
+    Each result must be finite and within TOL of the reference plus that rounding times the
+    result's rounding scale (rounding_scales).
+    """
+    q = torch.randn(1, 2, 70, 64, device=device, dtype=dtype)
+    k = 30 * torch.randn(1, 2, 70, 64, device=device, dtype=dtype)
+    v = torch.randn(1, 2, 70, 64, device=device, dtype=dtype)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    out = rbf_attention(qg, kg, vg, causal=causal, backend="triton")
+    dout = torch.randn_like(out)
+    got = (out, *torch.autograd.grad(out, (qg, kg, vg), dout))
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    ref = rbf_attention_reference(q64, k64, v64, causal=causal)
+    want = (ref, *torch.autograd.grad(ref, (q64, k64, v64), dout.double()))
+    score_rounding = 8 * torch.finfo(torch.float32).eps * k.double().square().sum(-1).max().item() / math.sqrt(64)
+    scales = rounding_scales(q, k, v, dout, causal)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert torch.isfinite(g).all(), f"{name} has non-finite values"
+        bound = TOL[dtype] * w.norm().item() + score_rounding * scales[name]
+        assert (g.double() - w).norm().item() < bound, f"{name}: error {(g.double() - w).norm():.2e} >= {bound:.2e}"
+
+
+@needs_triton
+@pytest.mark.parametrize("n_q, n_k", [(1, 50), (7, 64), (40, 33)])
+def test_fewer_queries_than_keys(n_q, n_k, device):
+    """Queries aligned with the last keys (decoding with a KV cache); non-causal with any lengths."""
+    q = torch.randn(1, 2, n_q, 32, device=device)
+    k, v = torch.randn(1, 2, n_k, 32, device=device), torch.randn(1, 2, n_k, 32, device=device)
+    if n_q <= n_k:
+        check_against_float64(q, k, v, causal=True)
+    check_against_float64(q, k, v, causal=False)
+
+
+@needs_triton
+def test_custom_scale(device):
+    q, k, v = (torch.randn(1, 1, 31, 16, device=device) for _ in range(3))
+    check_against_float64(q, k, v, causal=True, scale=0.7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not triton_available(),
+                    reason="bf16 runs on the GPU only: the Triton interpreter's tl.dot multiplies raw bf16 "
+                           "bit patterns (triton-lang/triton#11584, 'not supported yet')")
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_bfloat16_on_gpu(causal, head_dim):
+    q, k, v = (torch.randn(2, 4, 300, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    check_against_float64(q, k, v, causal)
+
+
+def test_expanded_form_equals_distance_form():
+    """softmax(-c||q-k||^2) == softmax(c(2q.k - ||k||^2)): the row constant -c||q||^2 cancels."""
+    q, k = torch.randn(3, 40, 16, dtype=torch.float64), torch.randn(3, 50, 16, dtype=torch.float64)
+    c = 1 / math.sqrt(16)
+    distance = torch.softmax(-c * torch.cdist(q, k).square(), dim=-1)
+    expanded = torch.softmax(c * (2 * q @ k.transpose(-1, -2) - k.square().sum(-1)[:, None, :]), dim=-1)
+    torch.testing.assert_close(distance, expanded, rtol=1e-12, atol=1e-12)
+    # ...and the shifted logits really differ from the distance ones by a per-row constant only.
+    shift = c * (2 * q @ k.transpose(-1, -2) - k.square().sum(-1)[:, None, :]) + c * torch.cdist(q, k).square()
+    torch.testing.assert_close(shift, c * q.square().sum(-1, keepdim=True).expand_as(shift))
+
+
+def test_reference_float32_matches_float64():
+    q, k, v = (torch.randn(2, 2, 33, 32) for _ in range(3))
+    got = rbf_attention(q, k, v, causal=True, backend="torch")
+    want = rbf_attention_reference(q.double(), k.double(), v.double(), causal=True)
+    assert rel_err(got, want) < 1e-5
+
+
+@needs_triton
+def test_opcheck(device):
+    from rbf_lite.kernels.rbf_attention import rbf_attention_fwd
+    q, k, v = (torch.randn(1, 2, 20, 16, device=device, requires_grad=True) for _ in range(3))
+    torch.library.opcheck(rbf_attention_fwd, (q, k, v, True, 0.25),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@needs_triton
+def test_compile_has_no_graph_break(device):
+    """fullgraph=True fails on any graph break: the custom op must be traced as one node."""
+    def layer(x, w):
+        q, k, v = (x @ w).unflatten(-1, (3, 16)).unbind(-2)
+        return rbf_attention(q, k, v, causal=True, backend="triton").sum()
+
+    x, w = torch.randn(1, 2, 24, 16, device=device), torch.randn(16, 48, device=device, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, w), layer(x, w))
+    compiled(x, w).backward()
+    assert w.grad is not None and torch.isfinite(w.grad).all()
+
+
+def test_backend_choice(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU path")
+    q = torch.randn(1, 1, 4, 16)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not triton_available("cpu")
+    rbf_attention(q, q, q, backend="auto")  # falls back to the reference
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        rbf_attention(q, q, q, backend="triton")
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda: (torch.randn(2, 8, 16),) * 3, ValueError, "shape \\(B, H, N, D\\)"),
+    (lambda: (torch.randn(1, 2, 8, 16), torch.randn(1, 3, 8, 16), torch.randn(1, 3, 8, 16)), ValueError, "batch and head"),
+    (lambda: (torch.randn(2, 2, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)), ValueError, "batch and head"),
+    (lambda: (torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32)), ValueError, "head dimension"),
+    (lambda: (torch.randn(1, 2, 8, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 8, 16)), ValueError, "same sequence length"),
+    (lambda: (torch.randn(1, 2, 8, 24),) * 3, ValueError, "D=24 is not supported; supported: \\(16, 32, 64, 128\\)"),
+    (lambda: (torch.ones(1, 2, 8, 16, dtype=torch.int64),) * 3, TypeError, "dtype torch.int64"),
+    (lambda: (torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16).half(), torch.randn(1, 2, 8, 16)), TypeError, "share one dtype"),
+    (lambda: (torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16, device="meta")), ValueError, "one device"),
+    (lambda: (torch.randn(1, 2, 9, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)), ValueError, "at least as many keys"),
+    (lambda: (torch.randn(1, 2, 0, 16),) * 3, ValueError, ">= 1"),
+    (lambda: ([[1.0]], torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)), TypeError, "torch.Tensor"),
+])
+def test_bad_inputs_raise_clear_errors(make, error, match):
+    with pytest.raises(error, match=match):
+        rbf_attention(*make())
+
+
+def test_bad_backend_and_scale():
+    q = torch.randn(1, 1, 4, 16)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        rbf_attention(q, q, q, backend="cuda")
+    with pytest.raises(ValueError, match="scale must be a positive finite number"):
+        rbf_attention(q, q, q, scale=-1.0)
+    with pytest.raises(TypeError, match="float64"):
+        rbf_attention(q.double(), q.double(), q.double(), backend="triton")
