@@ -101,6 +101,23 @@ def rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def _key_stages(start_m, N_K, causal_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """Split the keys a query block visits: [0, lo) needs no mask, [lo, hi) does.
+
+    Unmasked blocks are whole (inside N_K) and, when causal, entirely visible to every row of the
+    block (keys j <= start_m + offset); the masked stage holds the diagonal and the ragged end.
+    """
+    full_blocks_end = (N_K // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        lo = tl.minimum(tl.maximum((start_m + causal_offset + 1) // BLOCK_N * BLOCK_N, 0), full_blocks_end)
+        hi = tl.minimum(start_m + BLOCK_M + causal_offset, N_K)
+    else:
+        lo = full_blocks_end
+        hi = N_K
+    return lo, hi
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kn_base, stride_kn, stride_kd, stride_vn, stride_vd,
                offs_m, lo, hi, causal_offset, N_K, qk_scale, kn_scale,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
@@ -168,14 +185,7 @@ def _fwd_kernel(q, k, v, kn, out, lse,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     causal_offset = N_K - N_Q
-    full_blocks_end = (N_K // BLOCK_N) * BLOCK_N
-    if CAUSAL:
-        # Keys j <= start_m + offset are visible to every row of this block: no mask needed.
-        lo = tl.minimum(tl.maximum((start_m + causal_offset + 1) // BLOCK_N * BLOCK_N, 0), full_blocks_end)
-        hi = tl.minimum(start_m + BLOCK_M + causal_offset, N_K)
-    else:
-        lo = full_blocks_end
-        hi = N_K
+    lo, hi = _key_stages(start_m, N_K, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_base, v_base, kn_base, skn, skd, svn, svd,
                                offs_m, 0, lo, causal_offset, N_K, qk_scale, kn_scale,
                                BLOCK_N, HEAD_DIM, False, CAUSAL, DOT_PRECISION)
@@ -335,13 +345,7 @@ def _bwd_kernel(q, k, v, kn, do, lse, delta, dq, dk, dv,
         lse_i = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
         delta_i = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
         dq_acc = tl.zeros([BLOCK_M2, HEAD_DIM], dtype=tl.float32)
-        full_blocks_end = (N_K // BLOCK_N2) * BLOCK_N2
-        if CAUSAL:
-            lo = tl.minimum(tl.maximum((start_m + causal_offset + 1) // BLOCK_N2 * BLOCK_N2, 0), full_blocks_end)
-            hi = tl.minimum(start_m + BLOCK_M2 + causal_offset, N_K)
-        else:
-            lo = full_blocks_end
-            hi = N_K
+        lo, hi = _key_stages(start_m, N_K, causal_offset, BLOCK_M2, BLOCK_N2, CAUSAL)
         dq_acc = _bwd_dq_inner(dq_acc, q_tile, do_tile, lse_i, delta_i, k_base, v_base, kn_base, skn, skd, svn, svd,
                                offs_m, 0, lo, causal_offset, N_K, qk_scale, kn_scale,
                                BLOCK_N2, HEAD_DIM, False, CAUSAL, DOT_PRECISION)
