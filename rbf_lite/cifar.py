@@ -67,7 +67,7 @@ class Config:
                 "an open-set dataset always adds its held-out classes"})
     seed: int = field(default=0, metadata={"help": "seeds initialisation, subsets, order and augmentation"})
     device: str = field(default="auto", metadata={"help": "auto (cuda when available), cuda, cpu, ..."})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the backbone"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the backbone and the head's loss"})
     eval_batch: int = field(default=1000, metadata={"help": "evaluation batch size"})
     log_every: int = field(default=50, metadata={"help": "log the training loss every this many steps"})
     resume: bool = field(default=False, metadata={"help": "continue from out/checkpoint.pt"})
@@ -149,6 +149,9 @@ class Trainer:
                                  learn_gamma=cfg.learn_gamma).to(self.device)
         else:
             self.head = LinearHead(self.num_classes, dim, cfg.label_smoothing).to(self.device)
+        # Compiled, the loss's few dozen small ops fuse into a handful of kernels: uncompiled, they
+        # make a training step launch-bound (HALO costs ~20% more per epoch on an H100, eager).
+        self.training_head = torch.compile(self.head) if cfg.compile else self.head
 
         named = [*self.model.named_parameters(), *self.head.named_parameters()]
         decay = [p for n, p in named if p.ndim >= 2 and "centroids" not in n]
@@ -189,7 +192,7 @@ class Trainer:
         for i in bar:
             index = order[i * self.cfg.batch_size:(i + 1) * self.cfg.batch_size]
             embeddings = self.embed(image_data.augment(self.images[index], self.mean, self.std))
-            loss, _ = self.head(embeddings, self.labels[index])
+            loss, _ = self.training_head(embeddings, self.labels[index])
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()

@@ -141,7 +141,8 @@ class HALOLoss(nn.Module):
     def targets_distribution(self, shifted: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Soft targets over K+1 classes: 1 - eps on the true class, eps over negatives, 0 on abstain."""
         known = shifted[:, :self.num_classes].detach()
-        is_true = F.one_hot(targets, self.num_classes).bool()
+        # A comparison, not F.one_hot: one_hot range-checks its input with a host sync every call.
+        is_true = targets[:, None] == torch.arange(self.num_classes, device=targets.device)
         if self.soft_targets == "distill":
             negatives = known.masked_fill(is_true, float("-inf")).softmax(dim=1)
         else:
