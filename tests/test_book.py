@@ -41,7 +41,10 @@ def toc_files(caption: str | None = None) -> list[str]:
 PAGES = toc_files()
 PLAIN_PAGES = ["book/references"]  # not notebooks: no code, no Colab button
 CHAPTERS = [doc for doc in PAGES if doc not in PLAIN_PAGES]
-GEOMETRY = toc_files("Geometry")  # each of these has an interactive figure, static and live
+GEOMETRY = toc_files("Geometry")
+# Chapters with an interactive figure, static and live: the Geometry part, and the geometry of
+# positions and of HALO, which sit in the parts of their experiments.
+INTERACTIVE = GEOMETRY + [doc for doc in PAGES if doc in ("book/susie", "book/halo_geometry")]
 
 
 def colab_url(doc: str) -> str:
@@ -104,12 +107,12 @@ def test_geometry_part_exists():
     assert len(GEOMETRY) >= 4, "the Geometry part of _toc.yml lost its chapters"
 
 
-@pytest.mark.parametrize("doc", GEOMETRY)
+@pytest.mark.parametrize("doc", INTERACTIVE)
 def test_geometry_chapter_has_static_and_live_widget(doc):
     nb = jupytext.read(ROOT / f"{doc}.md")
     code = [(c.source, c.metadata.get("tags", [])) for c in nb.cells if c.cell_type == "code"]
-    static = [s for s, tags in code if re.search(r"viz\.\w+_explorer\(\)", s)]
-    live = [(s, tags) for s, tags in code if re.search(r"viz\.\w+_explorer\(live=True\)", s)]
+    static = [s for s, tags in code if re.search(r"viz\.[\w.]+_explorer\(\)", s)]
+    live = [(s, tags) for s, tags in code if re.search(r"viz\.[\w.]+_explorer\(live=True\)", s)]
     assert static and live, "a geometry chapter shows one explorer, static and live"
     assert all("skip-execution" in tags for _, tags in live), "live widgets need a kernel: tag skip-execution"
 

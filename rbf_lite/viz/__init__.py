@@ -26,7 +26,7 @@ import torch
 from plotly.io._base_renderers import MimetypeRenderer
 from plotly.subplots import make_subplots
 
-from .rbf import triton_available
+from ..rbf import triton_available
 
 DOT, RBF = "#1f77b4", "#d62728"
 PALETTE = ("#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
