@@ -72,9 +72,10 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allow_float
 
 
 def rbf_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                            scale: float | None = None, return_weights: bool = False):
+                            scale: float | None = None, return_weights: bool = False, normalize: bool = True):
     """Plain PyTorch RBF attention, written in the distance form; materialises the N x M matrix.
 
+    normalize=False sums exp(-scale ||q_i - k_j||^2) v_j without the softmax's denominator.
     Computes in float32 (float64 stays float64) and returns v's dtype. With causal=True and
     N queries against M keys, query i sees keys j <= i + (M - N): the queries are the last N
     positions, as during generation with a KV cache.
@@ -82,21 +83,27 @@ def rbf_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
-    scores = -scale * torch.cdist(qf, kf).square() if acc == torch.float64 else \
-        scale * (2 * qf @ kf.transpose(-1, -2) - kf.square().sum(-1)[..., None, :])
+    if acc == torch.float64:
+        scores = -scale * torch.cdist(qf, kf).square()
+    else:  # the expanded form, the row constant -scale ||q||^2 kept only when nothing normalises it away
+        scores = scale * (2 * qf @ kf.transpose(-1, -2) - kf.square().sum(-1)[..., None, :])
+        if not normalize:
+            scores = (scores - scale * qf.square().sum(-1, keepdim=True)).clamp_max(0)
     if causal:
         n, m = q.shape[-2], k.shape[-2]
         visible = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(diagonal=m - n)
         scores = scores.masked_fill(~visible, float("-inf"))
-    weights = torch.softmax(scores, dim=-1)
+    weights = torch.softmax(scores, dim=-1) if normalize else scores.exp()
     out = (weights @ vf).to(v.dtype)
     return (out, weights) if return_weights else out
 
 
 def rbf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                  scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+                  scale: float | None = None, backend: str = "auto", normalize: bool = True) -> torch.Tensor:
     """Scaled RBF attention, softmax_j(-scale * ||q_i - k_j||^2) v_j, on (B, H, N, D) tensors.
 
+    normalize=False drops the softmax: out_i = sum_j exp(-scale ||q_i - k_j||^2) v_j, every weight
+    in (0, 1], rows no longer summing to 1 (the seed's experimental variant).
     backend: "triton" runs the fused FlashAttention-style kernels (GPU with compute capability
     >= 8.0, or any device under TRITON_INTERPRET=1); "torch" runs `rbf_attention_reference`;
     "auto" picks Triton when it can run and the reference otherwise. scale defaults to 1/sqrt(D).
@@ -120,6 +127,6 @@ def rbf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
         raise RuntimeError("backend='triton' needs Triton on a CUDA GPU with compute capability >= 8.0, "
                            "or TRITON_INTERPRET=1 for CPU tensors; use backend='torch' or 'auto'")
     if not use_triton:
-        return rbf_attention_reference(q, k, v, causal, float(scale))
+        return rbf_attention_reference(q, k, v, causal, float(scale), normalize=normalize)
     from .kernels.rbf_attention import rbf_attention_op
-    return rbf_attention_op(q, k, v, causal, float(scale))
+    return rbf_attention_op(q, k, v, causal, float(scale), normalize)

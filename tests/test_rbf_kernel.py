@@ -28,15 +28,15 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def check_against_float64(q, k, v, causal, scale=None, tol=None):
+def check_against_float64(q, k, v, causal, scale=None, tol=None, normalize=True):
     """Run kernel forward + backward and the float64 reference; assert every relative error < tol."""
     tol = TOL[q.dtype] if tol is None else tol
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    out = rbf_attention(q, k, v, causal=causal, scale=scale, backend="triton")
+    out = rbf_attention(q, k, v, causal=causal, scale=scale, backend="triton", normalize=normalize)
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref = rbf_attention_reference(q64, k64, v64, causal=causal, scale=scale)
+    ref = rbf_attention_reference(q64, k64, v64, causal=causal, scale=scale, normalize=normalize)
     ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
     for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
         assert got.shape == want.shape, name
@@ -55,6 +55,29 @@ def check_against_float64(q, k, v, causal, scale=None, tol=None):
 def test_matches_float64_reference(n, head_dim, causal, dtype, device):
     q, k, v = (torch.randn(2, 2, n, head_dim, device=device, dtype=dtype) for _ in range(3))
     check_against_float64(q, k, v, causal)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("head_dim", [16, 64, 128])
+@pytest.mark.parametrize("n", [1, 17, 100])
+def test_unnormalized_matches_float64_reference(n, head_dim, causal, dtype, device):
+    """sum_j exp(-c||q_i - k_j||^2) v_j, no softmax. Inputs are scaled by 0.3 so that typical
+    weights exp(-c||q - k||^2) stay well inside fp16's normal range (above 6e-5); with unit-variance
+    inputs at D=128 they would be ~1e-6, and fp16 P would carry few significant bits."""
+    q, k, v = (0.3 * torch.randn(2, 2, n, head_dim, device=device, dtype=dtype) for _ in range(3))
+    check_against_float64(q, k, v, causal, normalize=False)
+
+
+def test_unnormalized_weights_are_bounded_by_one():
+    """Each weight is exp(-distance) <= 1, equal to 1 for a key on the query; rows need not sum to 1."""
+    q = torch.randn(1, 1, 6, 16)
+    k = torch.cat([q[:, :, :1], 3 * torch.randn(1, 1, 5, 16)], dim=2)  # key 0 sits on query 0
+    _, w = rbf_attention_reference(q, k, k, causal=False, return_weights=True, normalize=False)
+    assert (w <= 1).all() and (w > 0).all()
+    torch.testing.assert_close(w[0, 0, 0, 0], torch.tensor(1.0))
+    assert not torch.allclose(w.sum(-1), torch.ones(6))
 
 
 @needs_triton
@@ -169,7 +192,7 @@ def test_reference_float32_matches_float64():
 def test_opcheck(device):
     from rbf_lite.kernels.rbf_attention import rbf_attention_fwd
     q, k, v = (torch.randn(1, 2, 20, 16, device=device, requires_grad=True) for _ in range(3))
-    torch.library.opcheck(rbf_attention_fwd, (q, k, v, True, 0.25),
+    torch.library.opcheck(rbf_attention_fwd, (q, k, v, True, 0.25, True),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 

@@ -18,6 +18,10 @@ Backward, with P = softmax, dP = dO V^T, Delta_i = dO_i . O_i and dS = P (dP - D
 One launch: each program computes dk, dv for one block of keys (looping over queries) and dq for
 one block of queries (looping over keys), so nothing is accumulated atomically.
 
+Without normalisation (normalize=False) the same kernels compute out_i = sum_j exp(-c||q_i - k_j||^2) v_j:
+each weight is at most 1 and the row's offset is c||q_i||^2 instead of the log-sum-exp. Delta is
+then 0, and dq_i gains the term -2c q_i sum_j dS_ij that softmax's zero-sum dS cancels.
+
 Causal masking with N queries and M keys aligns the queries with the *last* N keys: query i sees
 keys j <= i + (M - N), as when decoding against a KV cache.
 """
@@ -157,8 +161,12 @@ def _key_stages(start_m, N_K, causal_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kn_base, stride_kn, stride_kd, stride_vn, stride_vd,
                offs_m, lo, hi, causal_offset, N_K, qk_scale, kn_scale,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-               DOT_PRECISION: tl.constexpr):
-    """Online softmax over key blocks [lo, hi). MASKED blocks check bounds and causality."""
+               DOT_PRECISION: tl.constexpr, NORMALIZED: tl.constexpr):
+    """Accumulate over key blocks [lo, hi); MASKED blocks check bounds and causality.
+
+    NORMALIZED: online softmax (running max m_i and sum l_i). Otherwise m_i is the row's own
+    c||q_i||^2 (base 2), s - m_i is the true score -c||q_i - k_j||^2 <= 0, and its exp is summed as is.
+    """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
@@ -168,11 +176,9 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kn_base, stride_kn, stride_kd, 
         if MASKED:
             in_bounds = cols < N_K
             kt = tl.load(kt_ptrs, mask=in_bounds[None, :], other=0.0)
-        else:
-            kt = tl.load(kt_ptrs)
-        if MASKED:
             kn = tl.load(kn_base + cols, mask=in_bounds, other=0.0)
         else:
+            kt = tl.load(kt_ptrs)
             kn = tl.load(kn_base + cols)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale - kn[None, :] * kn_scale
         if MASKED:
@@ -180,16 +186,20 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kn_base, stride_kn, stride_kd, 
             if CAUSAL:
                 visible = visible & (offs_m[:, None] + causal_offset >= cols[None, :])
             s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
         if MASKED:
             v = tl.load(v_ptrs, mask=in_bounds[:, None], other=0.0)
         else:
             v = tl.load(v_ptrs)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
+        if NORMALIZED:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+            m_i = m_new
+        else:
+            p = tl.exp2(s - m_i[:, None])
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, l_i, m_i
 
 
@@ -198,7 +208,7 @@ def _fwd_kernel(q, k, v, kn, out, lse,
                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
                 H, N_Q, N_K, qk_scale, kn_scale,
                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                NORMALIZED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     if CAUSAL:
         # The last query blocks have the most keys to visit: start them first so that the short
@@ -215,19 +225,25 @@ def _fwd_kernel(q, k, v, kn, out, lse,
     v_base = v + b * svb + h * svh
     kn_base = kn + bh.to(tl.int64) * N_K
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    if NORMALIZED:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    else:
+        m_i = tl.sum(q_tile.to(tl.float32) * q_tile.to(tl.float32), 1) * kn_scale
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     causal_offset = N_K - N_Q
     lo, hi = _key_stages(start_m, N_K, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_base, v_base, kn_base, skn, skd, svn, svd,
                                offs_m, 0, lo, causal_offset, N_K, qk_scale, kn_scale,
-                               BLOCK_N, HEAD_DIM, False, CAUSAL, DOT_PRECISION)
+                               BLOCK_N, HEAD_DIM, False, CAUSAL, DOT_PRECISION, NORMALIZED)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_base, v_base, kn_base, skn, skd, svn, svd,
                                offs_m, lo, hi, causal_offset, N_K, qk_scale, kn_scale,
-                               BLOCK_N, HEAD_DIM, True, CAUSAL, DOT_PRECISION)
-    acc = acc / l_i[:, None]
-    tl.store(lse + bh.to(tl.int64) * N_Q + offs_m, m_i + tl.log2(l_i), mask=row_ok)
+                               BLOCK_N, HEAD_DIM, True, CAUSAL, DOT_PRECISION, NORMALIZED)
+    if NORMALIZED:
+        acc = acc / l_i[:, None]
+        m_i = m_i + tl.log2(l_i)
+    # What the backward subtracts from a base-2 score to get log2 P: the log-sum-exp, or c||q_i||^2.
+    tl.store(lse + bh.to(tl.int64) * N_Q + offs_m, m_i, mask=row_ok)
     tl.store(out + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
              acc.to(out.dtype.element_ty), mask=row_ok[:, None])
 
@@ -272,11 +288,15 @@ def _bwd_dkdv_inner(dk, dv, dsum, k_tile, v_tile, kn, q_base, do_base, lse_base,
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q_tile, do_tile, lse_i, delta_i, k_base, v_base, kn_base, skn, skd, svn, svd,
+def _bwd_dq_inner(dq, dsum, q_tile, do_tile, lse_i, delta_i, k_base, v_base, kn_base, skn, skd, svn, svd,
                   offs_m, lo, hi, causal_offset, N_K, qk_scale, kn_scale,
                   BLOCK_N2: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
-                  CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Accumulate sum_j dS_ij k_j over key blocks [lo, hi)."""
+                  CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, NORMALIZED: tl.constexpr):
+    """Accumulate sum_j dS_ij k_j over key blocks [lo, hi), and sum_j dS_ij when it is not 0.
+
+    Under softmax sum_j dS_ij = 0, so the -c||q_i||^2 part of the score has no gradient; without
+    normalisation it has, and dq_i gets the extra term -2c q_i sum_j dS_ij (added by the caller).
+    """
     offs_n = tl.arange(0, BLOCK_N2)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N2):
@@ -301,8 +321,10 @@ def _bwd_dq_inner(dq, q_tile, do_tile, lse_i, delta_i, k_base, v_base, kn_base, 
             p = tl.where(visible, p, 0.0)
         dp = tl.dot(do_tile, vt, input_precision=DOT_PRECISION)
         ds = p * (dp - delta_i[:, None])
+        if not NORMALIZED:
+            dsum += tl.sum(ds, 1)
         dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PRECISION)
-    return dq
+    return dq, dsum
 
 
 @triton.jit
@@ -310,7 +332,7 @@ def _bwd_kernel(q, k, v, kn, do, lse, delta, dq, dk, dv,
                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
                 sgb, sgh, sgn, sgd, sgkb, sgkh, sgkn, sgkd,
                 H, N_Q, N_K, qk_scale, kn_scale, two_c,
-                HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, NORMALIZED: tl.constexpr,
                 BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr):
     """dq is written with strides (sgb..sgd); dk and dv share strides (sgkb..sgkd)."""
     pid, bh = tl.program_id(0), tl.program_id(1)
@@ -377,14 +399,17 @@ def _bwd_kernel(q, k, v, kn, do, lse, delta, dq, dk, dv,
         lse_i = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
         delta_i = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
         dq_acc = tl.zeros([BLOCK_M2, HEAD_DIM], dtype=tl.float32)
+        dsum = tl.zeros([BLOCK_M2], dtype=tl.float32)
         lo, hi = _key_stages(start_m, N_K, causal_offset, BLOCK_M2, BLOCK_N2, CAUSAL)
-        dq_acc = _bwd_dq_inner(dq_acc, q_tile, do_tile, lse_i, delta_i, k_base, v_base, kn_base, skn, skd, svn, svd,
+        dq_acc, dsum = _bwd_dq_inner(dq_acc, dsum, q_tile, do_tile, lse_i, delta_i, k_base, v_base, kn_base, skn, skd, svn, svd,
                                offs_m, 0, lo, causal_offset, N_K, qk_scale, kn_scale,
-                               BLOCK_N2, HEAD_DIM, False, CAUSAL, DOT_PRECISION)
-        dq_acc = _bwd_dq_inner(dq_acc, q_tile, do_tile, lse_i, delta_i, k_base, v_base, kn_base, skn, skd, svn, svd,
+                               BLOCK_N2, HEAD_DIM, False, CAUSAL, DOT_PRECISION, NORMALIZED)
+        dq_acc, dsum = _bwd_dq_inner(dq_acc, dsum, q_tile, do_tile, lse_i, delta_i, k_base, v_base, kn_base, skn, skd, svn, svd,
                                offs_m, lo, hi, causal_offset, N_K, qk_scale, kn_scale,
-                               BLOCK_N2, HEAD_DIM, True, CAUSAL, DOT_PRECISION)
+                               BLOCK_N2, HEAD_DIM, True, CAUSAL, DOT_PRECISION, NORMALIZED)
         dq_ptrs = dq + b * sgb + h * sgh + offs_m[:, None] * sgn + offs_d[None, :] * sgd
+        if not NORMALIZED:
+            dq_acc -= q_tile.to(tl.float32) * dsum[:, None]
         tl.store(dq_ptrs, (two_c * dq_acc).to(dq.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -402,26 +427,26 @@ def _device_of(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _tuning_key(q, k, causal):
-    return (_bucket(q.shape[2]), _bucket(k.shape[2]), q.shape[3], causal, q.dtype, q.device)
+def _tuning_key(q, k, causal, normalize):
+    return (_bucket(q.shape[2]), _bucket(k.shape[2]), q.shape[3], causal, normalize, q.dtype, q.device)
 
 
-def _forward(q, k, v, causal: bool, scale: float):
-    """Output, base-2 log-sum-exp per row, and ||k_j||^2 (kept for the backward)."""
+def _forward(q, k, v, causal: bool, scale: float, normalize: bool):
+    """Output; per row the base-2 log-sum-exp (or c||q_i||^2 without normalisation); ||k_j||^2."""
     B, H, N, D = q.shape
     M = k.shape[2]
     out = torch.empty((B, H, N, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     with _device_of(q):
         kn = rowdot(k, k)
-        FWD_TUNER.launch(_tuning_key(q, k, causal), q.dtype, lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H),
+        FWD_TUNER.launch(_tuning_key(q, k, causal, normalize), q.dtype, lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H),
                          q, k, v, kn, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
                          H, N, M, 2.0 * scale * LOG2E, scale * LOG2E,
-                         HEAD_DIM=D, CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype))
+                         HEAD_DIM=D, CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype), NORMALIZED=normalize)
     return out, lse, kn
 
 
-def _backward(dout, q, k, v, out, lse, kn, causal: bool, scale: float):
+def _backward(dout, q, k, v, out, lse, kn, causal: bool, scale: float, normalize: bool):
     """(dq, dk, dv). The kernel's scores and lse are in base 2, so P = exp2(s2 - lse2) is the true
     softmax, and dS = P (dP - Delta) is the gradient with respect to the natural-unit score."""
     B, H, N, D = q.shape
@@ -430,25 +455,26 @@ def _backward(dout, q, k, v, out, lse, kn, causal: bool, scale: float):
     dk = torch.empty((B, H, M, D), device=q.device, dtype=k.dtype)
     dv = torch.empty_like(dk)
     with _device_of(q):
-        delta = rowdot(out, dout)
-        BWD_TUNER.launch(_tuning_key(q, k, causal), q.dtype,
+        # Delta_i = dO_i . O_i comes from the softmax's normalisation; without it, it is 0.
+        delta = rowdot(out, dout) if normalize else torch.zeros((B, H, N), device=q.device, dtype=torch.float32)
+        BWD_TUNER.launch(_tuning_key(q, k, causal, normalize), q.dtype,
                          lambda meta: (max(triton.cdiv(M, meta["BLOCK_N1"]), triton.cdiv(N, meta["BLOCK_M2"])), B * H),
                          q, k, v, kn, dout, lse, delta, dq, dk, dv,
                          *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *dk.stride(),
                          H, N, M, 2.0 * scale * LOG2E, scale * LOG2E, 2.0 * scale,
-                         HEAD_DIM=D, CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype))
+                         HEAD_DIM=D, CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype), NORMALIZED=normalize)
     return dq, dk, dv
 
 
 @torch.library.custom_op("rbf_lite::rbf_attention_fwd", mutates_args=())
-def rbf_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                      scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused forward: the output, plus for the backward each row's base-2 log-sum-exp and ||k_j||^2."""
-    return _forward(q, k, v, causal, scale)
+def rbf_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+                      normalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused forward: the output, plus for the backward each row's base-2 offset and ||k_j||^2."""
+    return _forward(q, k, v, causal, scale, normalize)
 
 
 @rbf_attention_fwd.register_fake
-def _(q, k, v, causal, scale):
+def _(q, k, v, causal, scale, normalize):
     B, H, N, D = q.shape
     return (q.new_empty((B, H, N, D)), q.new_empty((B, H, N), dtype=torch.float32),
             q.new_empty((B, H, k.shape[2]), dtype=torch.float32))
@@ -456,30 +482,30 @@ def _(q, k, v, causal, scale):
 
 @torch.library.custom_op("rbf_lite::rbf_attention_bwd", mutates_args=())
 def rbf_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                      lse: torch.Tensor, kn: torch.Tensor, causal: bool,
-                      scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused backward: (dq, dk, dv) from the forward's output, log-sum-exp and key norms."""
-    return _backward(dout, q, k, v, out, lse, kn, causal, scale)
+                      lse: torch.Tensor, kn: torch.Tensor, causal: bool, scale: float,
+                      normalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused backward: (dq, dk, dv) from the forward's output, row offsets and key norms."""
+    return _backward(dout, q, k, v, out, lse, kn, causal, scale, normalize)
 
 
 @rbf_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, kn, causal, scale):
+def _(dout, q, k, v, out, lse, kn, causal, scale, normalize):
     return torch.empty_like(q, memory_format=torch.contiguous_format), \
         torch.empty_like(k, memory_format=torch.contiguous_format), \
         torch.empty_like(v, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, scale = inputs
+    q, k, v, causal, scale, normalize = inputs
     out, lse, kn = output
     ctx.save_for_backward(q, k, v, out, lse, kn)
-    ctx.causal, ctx.scale = causal, scale
+    ctx.causal, ctx.scale, ctx.normalize = causal, scale, normalize
 
 
 def _backward_rule(ctx, dout, _dlse, _dkn):
     q, k, v, out, lse, kn = ctx.saved_tensors
-    dq, dk, dv = rbf_attention_bwd(dout, q, k, v, out, lse, kn, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None
+    dq, dk, dv = rbf_attention_bwd(dout, q, k, v, out, lse, kn, ctx.causal, ctx.scale, ctx.normalize)
+    return dq, dk, dv, None, None, None
 
 
 rbf_attention_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
@@ -489,23 +515,24 @@ class _EagerRBFAttention(torch.autograd.Function):
     """The same kernels for eager mode, without the custom op's dispatch (tens of us per call)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale):
-        out, lse, kn = _forward(q, k, v, causal, scale)
+    def forward(ctx, q, k, v, causal, scale, normalize):
+        out, lse, kn = _forward(q, k, v, causal, scale, normalize)
         ctx.save_for_backward(q, k, v, out, lse, kn)
-        ctx.causal, ctx.scale = causal, scale
+        ctx.causal, ctx.scale, ctx.normalize = causal, scale, normalize
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        return (*_backward(dout, *ctx.saved_tensors, ctx.causal, ctx.scale), None, None)
+        return (*_backward(dout, *ctx.saved_tensors, ctx.causal, ctx.scale, ctx.normalize), None, None, None)
 
 
-def rbf_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+def rbf_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+                     normalize: bool = True) -> torch.Tensor:
     """The fused attention; inputs are assumed validated by `rbf_lite.rbf_attention`.
 
     Under torch.compile the custom op is traced as one node; in eager mode an autograd.Function
     runs the same forward and backward with less overhead per call.
     """
     if torch.compiler.is_compiling():
-        return rbf_attention_fwd(q, k, v, causal, scale)[0]
-    return _EagerRBFAttention.apply(q, k, v, causal, scale)
+        return rbf_attention_fwd(q, k, v, causal, scale, normalize)[0]
+    return _EagerRBFAttention.apply(q, k, v, causal, scale, normalize)
