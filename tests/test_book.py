@@ -103,6 +103,11 @@ def test_chapter_starts_with_colab_setup(doc):
     assert "from rbf_lite import" in setup, "chapters compute with rbf_lite"
 
 
+def test_package_knows_the_repository():
+    from rbf_lite import viz
+    assert viz.REPOSITORY == CONFIG["repository"]["url"], "rbf_lite.viz.REPOSITORY must match _config.yml"
+
+
 def test_geometry_part_exists():
     assert len(GEOMETRY) >= 4, "the Geometry part of _toc.yml lost its chapters"
 

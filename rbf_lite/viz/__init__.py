@@ -15,8 +15,10 @@ dimensions of 16 and up); chapters that verify an identity call `rbf_lite.rbf_at
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -50,6 +52,29 @@ if os.environ.get("RBF_LITE_PLOTLY_HTML"):
 
 
 # --- runtime ------------------------------------------------------------------------------------------
+# The book's repository (as in _config.yml; tests/test_book.py checks they agree): where Colab,
+# which installs only the package, reads the committed results from.
+REPOSITORY = "https://github.com/rbf-lite/rbf-lite"
+
+
+def results_file(relative: str) -> str:
+    """A committed result, e.g. "bench/lm_step.json": the checkout's results/ folder when there is
+    one (a local build, CI), else its address in the repository (Colab)."""
+    for root in (Path(__file__).resolve().parents[2] / "results", Path.cwd().parent / "results"):
+        if (root / relative).exists():
+            return str(root / relative)
+    return f"{REPOSITORY}/raw/main/results/{relative}"
+
+
+def load_json(relative: str) -> dict:
+    """A committed JSON result, read through `results_file`."""
+    where = results_file(relative)
+    if where.startswith("https://"):
+        from urllib.request import urlopen
+        return json.loads(urlopen(where).read().decode())
+    return json.loads(Path(where).read_text())
+
+
 def runtime_report() -> str:
     """Print (and return) the device and which attention path `rbf_attention(backend="auto")` takes."""
     if torch.cuda.is_available():
