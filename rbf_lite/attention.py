@@ -24,18 +24,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .rbf import rbf_attention, rbf_attention_reference
+from .rbf import rbf_attention, rbf_attention_reference, rbf_decode
 
 ATTENTION_KINDS = ("sdpa", "sdpa_qknorm", "rbf", "rbf_reference", "rbf_flex")
 MAX_ATTENTION_MAP_ELEMENTS = 2 ** 26  # ~256 MB of float32: beyond that a "map" is not for plotting
 
 
 class KVCache:
-    """Every layer's keys and values so far (after positional encoding), for O(N) decoding steps."""
+    """Every layer's keys and values so far (after positional encoding), for O(N) decoding steps.
 
-    def __init__(self, n_layers: int):
+    With key_sqnorms=True it also keeps ||k_j||^2 per cached key, computed once when the key is
+    appended, for RBF decoding (`rbf_lite.rbf_decode`).
+    """
+
+    def __init__(self, n_layers: int, key_sqnorms: bool = False):
         self.keys: list[torch.Tensor | None] = [None] * n_layers
         self.values: list[torch.Tensor | None] = [None] * n_layers
+        self.sqnorms: list[torch.Tensor | None] | None = [None] * n_layers if key_sqnorms else None
 
     @property
     def length(self) -> int:
@@ -43,6 +48,9 @@ class KVCache:
         return 0 if self.keys[0] is None else self.keys[0].shape[2]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if self.sqnorms is not None:
+            sq = k.float().square().sum(-1)
+            self.sqnorms[layer] = sq if self.sqnorms[layer] is None else torch.cat([self.sqnorms[layer], sq], dim=2)
         if self.keys[layer] is not None:
             k = torch.cat([self.keys[layer], k], dim=2)
             v = torch.cat([self.values[layer], v], dim=2)
@@ -129,14 +137,18 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.positional is not None:
             q, k = self.positional(q, k, positions)
+        key_sqnorms = None
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
+            key_sqnorms = cache.sqnorms[self.layer_index] if cache.sqnorms is not None else None
         weights = None
         if return_attn:
             if b * self.n_heads * n * k.shape[2] > MAX_ATTENTION_MAP_ELEMENTS:
                 raise ValueError(f"return_attn would materialise {b}x{self.n_heads}x{n}x{k.shape[2]} "
                                  "weights; ask for attention maps of a shorter or smaller batch")
             y, weights = self._attend(q, k, v, return_weights=True)
+        elif self.kind == "rbf" and key_sqnorms is not None:
+            y = rbf_decode(q, k, v, key_sqnorms=key_sqnorms)  # flash-decoding with the cached norms
         else:
             y = self._attend(q, k, v)
         return self.proj(y.transpose(1, 2).reshape(b, n, c)), weights

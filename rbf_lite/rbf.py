@@ -130,3 +130,44 @@ def rbf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
         return rbf_attention_reference(q, k, v, causal, float(scale), normalize=normalize)
     from .kernels.rbf_attention import rbf_attention_op
     return rbf_attention_op(q, k, v, causal, float(scale), normalize)
+
+
+def rbf_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               key_sqnorms: torch.Tensor | None = None, scale: float | None = None,
+               backend: str = "auto") -> torch.Tensor:
+    """Generation step: N new queries against M >= N cached keys, causal (query i sees j <= i + M - N).
+
+    Same result as `rbf_attention(q, k_cache, v_cache, causal=True)`, computed for few queries
+    (N <= 64) by splitting the cache across programs (flash-decoding). `key_sqnorms` (B, H, M),
+    float32, holds ||k_j||^2 when the caller keeps it with the cache, so that a step computes no
+    norms; it may be a view of a longer buffer but must be contiguous along M. Caches may be
+    strided views (e.g. the filled part of a preallocated buffer). Inference only: when gradients
+    are needed it runs `rbf_attention`, which has a backward.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _check_inputs(q, k_cache, v_cache, allow_float64=backend == "torch")
+    B, H, N, D = q.shape
+    M = k_cache.shape[2]
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dimension D={D} is not supported; supported: {SUPPORTED_HEAD_DIMS}")
+    if N > M:
+        raise ValueError(f"decoding needs at least as many cached keys as queries, got {N} queries and {M} keys")
+    if key_sqnorms is not None:
+        if key_sqnorms.shape != (B, H, M) or key_sqnorms.dtype != torch.float32:
+            raise ValueError(f"key_sqnorms must be float32 of shape {(B, H, M)}, got "
+                             f"{key_sqnorms.dtype} {tuple(key_sqnorms.shape)}")
+        if key_sqnorms.device != q.device or (M > 1 and key_sqnorms.stride(-1) != 1):
+            raise ValueError("key_sqnorms must be on the queries' device and contiguous along the keys")
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    use_triton = backend == "triton" or (backend == "auto" and triton_available(q.device))
+    if backend == "triton" and not triton_available(q.device):
+        raise RuntimeError("backend='triton' needs Triton on a CUDA GPU with compute capability >= 8.0, "
+                           "or TRITON_INTERPRET=1 for CPU tensors; use backend='torch' or 'auto'")
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache))
+    if not use_triton:
+        return rbf_attention_reference(q, k_cache, v_cache, causal=True, scale=float(scale))
+    if needs_grad or N > 64:
+        return rbf_attention(q, k_cache, v_cache, causal=True, scale=scale, backend="triton")
+    from .kernels.rbf_decode import rbf_decode_triton
+    return rbf_decode_triton(q, k_cache, v_cache, key_sqnorms, float(scale))

@@ -76,6 +76,18 @@ def test_kv_cache_in_chunks_equals_one_pass(kind):
     torch.testing.assert_close(torch.cat(pieces, 1), full, atol=2e-5, rtol=1e-4)
 
 
+def test_rbf_decoding_with_cached_key_norms_equals_one_pass():
+    """With key_sqnorms=True the rbf layer decodes through rbf_decode, reading the cached norms."""
+    layer = make_layer("rbf")
+    x = torch.randn(2, 10, D_MODEL)
+    with torch.no_grad():
+        full, _ = layer(x, torch.arange(10))
+        cache = KVCache(n_layers=1, key_sqnorms=True)
+        pieces = [layer(x[:, a:b], torch.arange(a, b), cache)[0] for a, b in ((0, 4), (4, 5), (5, 10))]
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(cache.sqnorms[0], cache.keys[0].square().sum(-1))
+
+
 def test_rbf_kind_gradients_match_the_reference_layer():
     """`rbf` runs the Triton kernels here (the test set-up enables Triton's CPU interpreter)."""
     fused, reference = make_layer("rbf"), make_layer("rbf_reference")

@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 
-from rbf_lite import rbf_attention, rbf_attention_reference, triton_available
+from rbf_lite import rbf_attention, rbf_attention_reference, rbf_decode, triton_available
 
 TOL = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
 ZERO_GRAD_ATOL = 1e-4
@@ -167,6 +167,41 @@ def test_custom_scale(device):
 def test_bfloat16_on_gpu(causal, head_dim):
     q, k, v = (torch.randn(2, 4, 300, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     check_against_float64(q, k, v, causal)
+
+
+@needs_triton
+@pytest.mark.parametrize("n_q, n_k, chunks", [(1, 1, None), (1, 50, 3), (3, 300, 4), (16, 257, 5), (64, 130, 2)])
+@pytest.mark.parametrize("head_dim", [16, 64, 128])
+def test_decode_matches_float64_reference(n_q, n_k, chunks, head_dim, device):
+    """Flash-decoding: the cache split in `chunks` (forced, to test the combine), causal queries."""
+    from rbf_lite.kernels.rbf_decode import rbf_decode_triton
+    q = torch.randn(2, 3, n_q, head_dim, device=device)
+    k, v = (torch.randn(2, 3, n_k, head_dim, device=device) for _ in range(2))
+    want = rbf_attention_reference(q.double(), k.double(), v.double(), causal=True)
+    got = rbf_decode_triton(q, k, v, None, 1 / math.sqrt(head_dim), num_chunks=chunks)
+    assert rel_err(got, want) < TOL[torch.float32]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_reads_strided_caches_and_cached_norms(dtype, device):
+    """The filled part of preallocated (B, H, M_max, D) caches, with norms kept beside them."""
+    k_buf, v_buf = (torch.randn(2, 2, 400, 32, device=device, dtype=dtype) for _ in range(2))
+    norm_buf = k_buf.float().square().sum(-1)
+    k, v, norms = k_buf[:, :, :333], v_buf[:, :, :333], norm_buf[:, :, :333]
+    q = torch.randn(2, 2, 2, 32, device=device, dtype=dtype)
+    want = rbf_attention_reference(q.double(), k.double(), v.double(), causal=True)
+    assert rel_err(rbf_decode(q, k, v, key_sqnorms=norms, backend="triton"), want) < TOL[dtype]
+
+
+def test_decode_bad_inputs():
+    q, k = torch.randn(1, 2, 3, 16), torch.randn(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="at least as many cached keys"):
+        rbf_decode(torch.randn(1, 2, 9, 16), k, k)
+    with pytest.raises(ValueError, match="key_sqnorms must be float32 of shape"):
+        rbf_decode(q, k, k, key_sqnorms=torch.ones(1, 2, 7))
+    with pytest.raises(ValueError, match="contiguous along the keys"):
+        rbf_decode(q, k, k, key_sqnorms=torch.ones(1, 2, 16)[:, :, ::2])
 
 
 def test_expanded_form_equals_distance_form():

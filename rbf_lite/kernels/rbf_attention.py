@@ -192,8 +192,11 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kn_base, stride_kn, stride_kd, 
             v = tl.load(v_ptrs)
         if NORMALIZED:
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
+            # A row that has seen no visible key yet (possible in a decode chunk) keeps m = -inf:
+            # subtract 0 instead, so that its exp2(-inf) terms are 0 and not NaN.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
             m_i = m_new

@@ -169,7 +169,7 @@ class GPT(nn.Module):
             if not use_cache:
                 logits, _ = self(idx[:, -context:])
             elif cache is None or cache.length - r >= context:
-                cache = KVCache(self.config.n_layers)
+                cache = KVCache(self.config.n_layers, key_sqnorms=self.config.attention == "rbf")
                 logits, _ = self(idx[:, -context:], cache=cache)
             else:
                 logits, _ = self(idx[:, -1:], cache=cache)

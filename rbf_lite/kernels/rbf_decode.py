@@ -1,0 +1,112 @@
+"""Decoding against a KV cache: a few new queries, many cached keys (flash-decoding).
+
+With one query per sequence the attention kernel has a single block of queries per head, so
+B x H programs are all the parallelism there is, far too few for a long cache. Here the cache is
+cut into chunks, one program per (chunk, head): each runs the same online softmax as the forward
+kernel over its keys and writes a partial output normalised within the chunk and that chunk's
+log-sum-exp; a second small kernel combines the chunks by their softmax weight,
+    out = sum_s 2^(lse_s - lse) o_s,  lse = log2 sum_s 2^(lse_s).
+Key norms ||k_j||^2 are passed in when the caller keeps them with the cache (they change only
+where keys are appended), so a step reads each cached key once and computes no norm.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .rbf_attention import LOG2E, _device_of, _dot_precision, _fwd_inner, rowdot
+
+MAX_DECODE_QUERIES = 64  # beyond this the attention kernel's own query blocks parallelise well
+KEYS_PER_CHUNK_MIN = 256
+
+
+@triton.jit
+def _decode_partial_kernel(q, k, v, kn, part_out, part_lse,
+                           sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, snb, snh,
+                           H, N_Q, N_K, CHUNK, qk_scale, kn_scale,
+                           HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online softmax of all queries over keys [chunk * CHUNK, (chunk + 1) * CHUNK)."""
+    chunk, bh = tl.program_id(0), tl.program_id(1)
+    n_chunks = tl.num_programs(0)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < N_Q
+    q_tile = tl.load(q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+                     mask=row_ok[:, None], other=0.0)
+    causal_offset = N_K - N_Q
+    start = chunk * CHUNK
+    end = tl.minimum(start + CHUNK, N_K)
+    # Keys j <= offset are visible to every query (query i sees j <= i + offset): no mask there.
+    all_visible = tl.minimum((causal_offset + 1) // BLOCK_N * BLOCK_N, (N_K // BLOCK_N) * BLOCK_N)
+    split = tl.maximum(tl.minimum(all_visible, end), start)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    k_base = k + b * skb + h * skh
+    v_base = v + b * svb + h * svh
+    kn_base = kn + b * snb + h * snh
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_base, v_base, kn_base, skn, skd, svn, svd,
+                               offs_m, start, split, causal_offset, N_K, qk_scale, kn_scale,
+                               BLOCK_N, HEAD_DIM, False, True, DOT_PRECISION, True)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_base, v_base, kn_base, skn, skd, svn, svd,
+                               offs_m, split, end, causal_offset, N_K, qk_scale, kn_scale,
+                               BLOCK_N, HEAD_DIM, True, True, DOT_PRECISION, True)
+    seen = l_i > 0  # a query may see no key of this chunk: it contributes nothing
+    out = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
+    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    row = (bh.to(tl.int64) * n_chunks + chunk) * N_Q + offs_m
+    tl.store(part_lse + row, lse, mask=row_ok)
+    tl.store(part_out + row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None])
+
+
+@triton.jit
+def _decode_combine_kernel(part_out, part_lse, out, N_CHUNKS, N_Q, H, sob, soh, son, sod,
+                           HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+    """One query row: weigh each chunk's output by 2^(lse_s - lse)."""
+    row, bh = tl.program_id(0), tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_range = offs_s < N_CHUNKS
+    rows = (bh.to(tl.int64) * N_CHUNKS + offs_s) * N_Q + row
+    lse = tl.load(part_lse + rows, mask=in_range, other=float("-inf"))
+    top = tl.max(lse, 0)  # finite: every query sees at least key 0
+    weights = tl.exp2(lse - top)
+    parts = tl.load(part_out + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=in_range[:, None], other=0.0)
+    result = tl.sum(parts * weights[:, None], 0) / tl.sum(weights, 0)
+    tl.store(out + b * sob + h * soh + row * son + offs_d * sod, result.to(out.dtype.element_ty))
+
+
+def default_chunks(batch_heads: int, n_keys: int, device: torch.device) -> int:
+    """Enough chunks for about two programs per multiprocessor, none shorter than 256 keys."""
+    processors = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    return max(1, min(math.ceil(2 * processors / batch_heads), math.ceil(n_keys / KEYS_PER_CHUNK_MIN)))
+
+
+def rbf_decode_triton(q, k, v, key_sqnorms, scale: float, num_chunks: int | None = None) -> torch.Tensor:
+    """Causal RBF attention of N_Q <= 64 new queries against M cached keys (query i sees j <= i + M - N_Q)."""
+    B, H, N, D = q.shape
+    M = k.shape[2]
+    block_n = 32 if q.dtype == torch.float32 else 64
+    chunks = num_chunks or default_chunks(B * H, M, q.device)
+    chunk = triton.cdiv(triton.cdiv(M, chunks), block_n) * block_n  # chunks start on key-block bounds
+    chunks = triton.cdiv(M, chunk)
+    block_m = max(16, triton.next_power_of_2(N))
+    out = torch.empty((B, H, N, D), device=q.device, dtype=q.dtype)
+    part_out = torch.empty((B, H, chunks, N, D), device=q.device, dtype=torch.float32)
+    part_lse = torch.empty((B, H, chunks, N), device=q.device, dtype=torch.float32)
+    with _device_of(q):
+        kn = rowdot(k, k) if key_sqnorms is None else key_sqnorms
+        _decode_partial_kernel[(chunks, B * H)](
+            q, k, v, kn, part_out, part_lse, *q.stride(), *k.stride(), *v.stride(), kn.stride(0), kn.stride(1),
+            H, N, M, chunk, 2.0 * scale * LOG2E, scale * LOG2E,
+            HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
+            num_warps=4, num_stages=2)
+        _decode_combine_kernel[(N, B * H)](part_out, part_lse, out, chunks, N, H, *out.stride(),
+                                           HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(chunks))
+    return out
