@@ -1,0 +1,60 @@
+"""Benchmark one generation step against a KV cache: `python -m rbf_lite.bench.decode`.
+
+One new query per sequence (or a few, --queries) attends to a cache of M keys: rbf_lite's
+flash-decoding kernel (`rbf_decode`, key norms kept with the cache) against torch SDPA on the same
+cache, in the same process, medians of CUDA-event timings (`triton.testing.do_bench`). Writes
+JSON: {device, torch, triton, commit, command, rows: [{variant, b, h, n_queries, cache, d, dtype,
+ms, vs_sdpa}]}.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from ..rbf import rbf_decode
+from ..runs import environment, write_json
+from .attention import DTYPES
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", default="1,8,64")
+    parser.add_argument("--caches", default="1024,4096,16384,32768")
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--queries", type=int, default=1)
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("the benchmark needs a CUDA GPU")
+    from triton.testing import do_bench
+    result = {**environment("cuda"), "rows": []}
+    print(f"{'variant':10s} {'batch':>5s} {'cache':>6s} {'ms':>8s} {'x sdpa':>7s}")
+    for b in (int(x) for x in args.batches.split(",")):
+        for m in (int(x) for x in args.caches.split(",")):
+            torch.manual_seed(0)
+            shape = (b, args.heads, m, args.head_dim)
+            k, v = (torch.randn(shape, device="cuda", dtype=DTYPES[args.dtype]) for _ in range(2))
+            q = torch.randn(b, args.heads, args.queries, args.head_dim, device="cuda", dtype=DTYPES[args.dtype])
+            key_sqnorms = k.float().square().sum(-1)  # kept with the cache, as generation does
+            # SDPA's is_causal aligns top-left; the decoding mask (last queries) is explicit here.
+            mask = None if args.queries == 1 else \
+                torch.ones(args.queries, m, dtype=torch.bool, device="cuda").tril(m - args.queries)
+            with torch.no_grad():
+                sdpa_ms = do_bench(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), return_mode="median")
+                rbf_ms = do_bench(lambda: rbf_decode(q, k, v, key_sqnorms=key_sqnorms), return_mode="median")
+            for name, ms in (("sdpa", sdpa_ms), ("rbf_decode", rbf_ms)):
+                result["rows"].append({"variant": name, "b": b, "h": args.heads, "n_queries": args.queries,
+                                       "cache": m, "d": args.head_dim, "dtype": args.dtype,
+                                       "ms": ms, "vs_sdpa": ms / sdpa_ms})
+                print(f"{name:10s} {b:5d} {m:6d} {ms:8.4f} {ms / sdpa_ms:7.2f}", flush=True)
+            if args.out:
+                write_json(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
