@@ -24,14 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from . import metrics
 from .data import DataNotFoundError
 from .data import images as image_data
 from .halo import HALOHead, LinearHead
 from .models.resnet import ResNet18
-from .runs import JsonlLog, environment, load_checkpoint, save_checkpoint, seed_everything, write_json
+from .runs import JsonlLog, environment, load_checkpoint, progress, save_checkpoint, seed_everything, write_json
 
 DEFAULT_OOD = ("svhn", "cifar10", "cifar100", "mnist", "fashion-mnist", "uniform-noise", "gaussian-noise")
 # Settings that may differ between an interrupted run and its resumption.
@@ -188,7 +187,7 @@ class Trainer:
         order = torch.randperm(len(self.images), device=self.device)
         steps = min(self.steps_per_epoch, max_steps or self.steps_per_epoch)
         running, seen, start = torch.zeros((), device=self.device), 0, time.perf_counter()
-        bar = tqdm(range(steps), desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", leave=False, mininterval=1)
+        bar = progress(range(steps), desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", leave=False, mininterval=1)
         for i in bar:
             index = order[i * self.cfg.batch_size:(i + 1) * self.cfg.batch_size]
             embeddings = self.embed(image_data.augment(self.images[index], self.mean, self.std))
@@ -232,7 +231,7 @@ class Trainer:
         if with_ood:
             in_scores = metrics.ood_scores(probs, self.head.abstains)
             result["ood"], result["embeddings"] = {}, {"test": embeddings}
-            for name, data in tqdm(self.ood_sets.items(), desc="OOD sets", leave=False):
+            for name, data in progress(self.ood_sets.items(), desc="OOD sets", leave=False):
                 out_probs, result["embeddings"][f"ood_{name}"] = self.predict(data)
                 out_scores = metrics.ood_scores(out_probs, self.head.abstains)
                 result["ood"][name] = {score: metrics.detection(in_scores[score], out_scores[score])

@@ -22,14 +22,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from .attention import ATTENTION_KINDS
 from .data.text import TOKENIZERS, PackedWindows, ShuffledBatches, TextTokenizer, prepare_tinystories
 from .inspect_norms import parameter_norms
 from .models.gpt import GPT, GPTConfig
 from .positional import POSITIONAL_KINDS
-from .runs import JsonlLog, environment, load_checkpoint, save_checkpoint, seed_everything, write_json
+from .runs import JsonlLog, environment, load_checkpoint, progress, save_checkpoint, seed_everything, write_json
 
 SAMPLE_PROMPT = "Once upon a time"
 
@@ -221,7 +220,7 @@ def _train(config: LMConfig, device: torch.device, rank: int, world_size: int) -
     tokens_per_step = config.batch_size * config.context_length
     train_loss = val_loss = None
     train_time, interval_start, interval_steps = 0.0, time.perf_counter(), 0
-    bar = tqdm(total=config.steps, initial=start_step, desc=f"{config.attention}+{config.pos}",
+    bar = progress(total=config.steps, initial=start_step, desc=f"{config.attention}+{config.pos}",
                unit="step", disable=not is_main)
     for step in range(start_step, end_step):
         x, y = (t.to(device, non_blocking=True) for t in batches.batch(step, rank, world_size))

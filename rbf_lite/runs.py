@@ -22,6 +22,18 @@ import numpy as np
 import torch
 
 
+def progress(*args: Any, **kwargs: Any):
+    """A tqdm progress bar, silenced when RBF_LITE_PROGRESS=0.
+
+    The book's build sets it: chapters run small trainings, and a bar on stderr would fail the
+    strict build. (tqdm's own TQDM_DISABLE cannot do this: an explicit disable= argument wins.)
+    """
+    from tqdm.auto import tqdm
+    if os.environ.get("RBF_LITE_PROGRESS") == "0":
+        kwargs["disable"] = True
+    return tqdm(*args, **kwargs)
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices) from one integer."""
     random.seed(seed)

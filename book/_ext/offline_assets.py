@@ -42,6 +42,8 @@ def _check_mathjax(app):
 
 def setup(app):
     os.environ["RBF_LITE_PLOTLY_HTML"] = "1"
+    # Chapters train small models; their progress bars would write to stderr, a build warning.
+    os.environ["RBF_LITE_PROGRESS"] = "0"
     app.add_js_file(PLOTLY_JS)
     app.connect("builder-inited", _check_mathjax)
     app.connect("build-finished", _copy_plotly_js)

@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from . import DataNotFoundError, cache_dir, find_local, not_found
+from ..runs import progress
 
 SIZE = 32
 # name -> (hub repository, configuration, image column, label column)
@@ -111,7 +111,7 @@ def _decode_tree(location: Path) -> dict[str, np.ndarray]:
     from PIL import Image
 
     found = {"train": [], "test": []}
-    for split, cls, file, data in tqdm(_tree_files(location), desc=f"decoding {location.name}",
+    for split, cls, file, data in progress(_tree_files(location), desc=f"decoding {location.name}",
                                        unit="img", mininterval=2):
         image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
         if image.shape != (SIZE, SIZE, 3):
@@ -165,7 +165,7 @@ def _from_hub(name: str, split: str) -> dict[str, np.ndarray]:
     repo, config, image_column, label_column = HUB[name]
     hub_split = datasets.load_dataset(repo, config, split=split)
     images = np.stack([np.asarray(image.convert("RGB")) for image in
-                       tqdm(hub_split[image_column], desc=f"decoding {name} {split}", unit="img", mininterval=2)])
+                       progress(hub_split[image_column], desc=f"decoding {name} {split}", unit="img", mininterval=2)])
     return {"images": images, "labels": np.asarray(hub_split[label_column], dtype=np.int64),
             "classes": np.array(hub_split.features[label_column].names)}
 

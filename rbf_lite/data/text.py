@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import DataNotFoundError, cache_dir, find_local, not_found
+from ..runs import progress
 
 HUB_DATASET = "roneneldan/TinyStories"
 SPLITS = ("train", "validation")
@@ -255,7 +255,7 @@ def tokenize_to_memmap(stories: list[str], tokenizer: TextTokenizer, cache_file:
     if not cache_file.exists():
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-        with tmp.open("wb") as f, tqdm(total=len(stories), desc=desc, unit="story", leave=False) as bar:
+        with tmp.open("wb") as f, progress(total=len(stories), desc=desc, unit="story", leave=False) as bar:
             for start in range(0, len(stories), batch_size):
                 chunk = stories[start:start + batch_size]
                 for ids in tokenizer.encode_batch(chunk):

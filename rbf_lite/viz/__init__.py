@@ -14,6 +14,7 @@ dimensions of 16 and up); chapters that verify an identity call `rbf_lite.rbf_at
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -52,6 +53,20 @@ if os.environ.get("RBF_LITE_PLOTLY_HTML"):
 
 
 # --- runtime ------------------------------------------------------------------------------------------
+def single_threaded(fn):
+    """Run `fn` on one intra-op thread, then restore the setting: for many small tensor operations
+    thread hand-offs cost more than they save (several times over on a busy CPU)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+    return wrapper
+
+
 # The book's repository (as in _config.yml; tests/test_book.py checks they agree): where Colab,
 # which installs only the package, reads the committed results from.
 REPOSITORY = "https://github.com/rbf-lite/rbf-lite"

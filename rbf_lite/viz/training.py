@@ -1,0 +1,276 @@
+"""Training runs for the book's language-model and outlook chapters: run, load, plot, tabulate.
+
+The chapters tell the story; these helpers do the work. A run is a folder written by
+`rbf_lite.lm.train` (log.jsonl, summary.json, checkpoint.pt, tokenizer.json). Committed results
+live under the repository's `results/`; `results_dir()` finds it from the book's folder or the
+repository root, and every loader says plainly when there is nothing recorded yet.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+import torch
+
+from . import DOT, PALETTE, RBF, go, make_subplots
+
+# One colour per attention variant, used by every figure of these chapters.
+VARIANT_COLORS = {"sdpa+rope": DOT, "sdpa_qknorm+rope": PALETTE[1], "rbf+susie": RBF}
+
+
+def variant_color(label: str, index: int = 0) -> str:
+    return VARIANT_COLORS.get(label, PALETTE[index % len(PALETTE)])
+
+
+# --- finding committed results ------------------------------------------------------------------------
+def results_dir(start: str | Path | None = None) -> Path | None:
+    """The repository's `results/` folder: under `start` (default: the working directory) or its
+    parent (chapters execute in `book/`), else beside the installed package; None when absent
+    (e.g. in Colab, where only the notebook was opened)."""
+    start = Path.cwd() if start is None else Path(start)
+    for candidate in (start / "results", start.parent / "results",
+                      Path(__file__).resolve().parents[2] / "results"):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+# --- reading runs -------------------------------------------------------------------------------------
+def read_log(run_dir: str | Path) -> dict[str, np.ndarray]:
+    """A run's log.jsonl as arrays: train_step, train_loss, tokens_per_s, val_step, val_loss."""
+    from ..runs import read_jsonl
+    records = read_jsonl(Path(run_dir) / "log.jsonl")
+    train = [r for r in records if "train_loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    return {
+        "train_step": np.array([r["step"] for r in train]),
+        "train_loss": np.array([r["train_loss"] for r in train]),
+        "tokens_per_s": np.array([r.get("tokens_per_s", np.nan) for r in train]),
+        "val_step": np.array([r["step"] for r in val]),
+        "val_loss": np.array([r["val_loss"] for r in val]),
+    }
+
+
+def read_summary(run_dir: str | Path) -> dict:
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def run_label(summary: Mapping) -> str:
+    config = summary["config"]
+    return f"{config['attention']}+{config['pos']}"
+
+
+# --- figures ------------------------------------------------------------------------------------------
+def loss_curves(runs: Mapping[str, str | Path], title: str = "Loss", log_x: bool = False) -> go.Figure:
+    """Training loss (lines) and validation loss (markers) of one or more runs against the step."""
+    fig = go.Figure()
+    for i, (label, run_dir) in enumerate(runs.items()):
+        log, color = read_log(run_dir), variant_color(label, i)
+        fig.add_scatter(x=log["train_step"], y=log["train_loss"], mode="lines", name=f"{label} train",
+                        line=dict(color=color), legendgroup=label)
+        if len(log["val_step"]):
+            fig.add_scatter(x=log["val_step"], y=log["val_loss"], mode="markers", name=f"{label} validation",
+                            marker=dict(color=color, size=9, symbol="diamond"), legendgroup=label)
+    fig.update_layout(title_text=title, xaxis_title="step", yaxis_title="next-token loss (nats)",
+                      height=420, margin=dict(t=50, b=40))
+    if log_x:
+        fig.update_xaxes(type="log")
+    return fig
+
+
+def attention_map_grid(models: Mapping[str, tuple], prompt: str) -> go.Figure:
+    """Head-averaged attention weights for `prompt`: one row per model, one column per layer.
+
+    `models` maps a label to (model, tokenizer). Slots are the register(s) first, then the tokens;
+    row = query, column = key; causal, so the upper triangle is zero.
+    """
+    from ..inspect_norms import prompt_attention_maps
+    maps = {label: prompt_attention_maps(model, tok, prompt) for label, (model, tok) in models.items()}
+    n_layers = max(len(m[1]) for m in maps.values())
+    titles = [f"{label}, layer {j}" for label in maps for j in range(n_layers)]
+    fig = make_subplots(rows=len(maps), cols=n_layers, subplot_titles=titles,
+                        horizontal_spacing=0.12, vertical_spacing=0.16)
+    for i, (label, (slots, layers)) in enumerate(maps.items()):
+        names = [f"{k}:{s!r}" for k, s in enumerate(slots)]
+        for j, weights in enumerate(layers):
+            fig.add_heatmap(z=weights.float().mean(0).numpy(), x=names, y=names, zmin=0, zmax=1,
+                            colorscale="Viridis", showscale=i == 0 and j == 0,
+                            colorbar=dict(title="weight", len=0.5),
+                            row=i + 1, col=j + 1)
+            fig.update_yaxes(autorange="reversed", showticklabels=j == 0, row=i + 1, col=j + 1)
+            fig.update_xaxes(showticklabels=False, row=i + 1, col=j + 1)
+    fig.update_layout(title_text=f"Attention (mean over heads) on {prompt!r}",
+                      height=330 * len(maps) + 60, margin=dict(t=80, l=10))
+    return fig
+
+
+def qk_norm_summary(models: Mapping[str, torch.nn.Module], idx: torch.Tensor) -> dict:
+    """Per model and layer, the pre-norm query and key norms of the tokens in `idx` (registers left out):
+    {label: [{'q': array, 'k': array}, ...]}."""
+    from ..inspect_norms import qk_norms
+    out = {}
+    for label, model in models.items():
+        r = model.config.num_registers
+        out[label] = [{name: layer[name][..., r:].flatten().cpu().numpy() for name in ("q", "k")}
+                      for layer in qk_norms(model, idx)]
+    return out
+
+
+def qk_norm_figure(norms: Mapping[str, list], title: str = "Pre-norm query and key norms") -> go.Figure:
+    """Box plots of `qk_norm_summary`'s norms: queries left, keys right, layers along x."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("query norms ||q||", "key norms ||k||"),
+                        shared_yaxes=True)
+    for i, (label, layers) in enumerate(norms.items()):
+        for col, name in enumerate(("q", "k"), start=1):
+            values = np.concatenate([layer[name] for layer in layers])
+            x = np.concatenate([np.full(len(layer[name]), f"layer {j}") for j, layer in enumerate(layers)])
+            fig.add_box(x=x, y=values, name=label, marker_color=variant_color(label, i), boxpoints=False,
+                        legendgroup=label, showlegend=col == 1, row=1, col=col)
+    fig.update_layout(title_text=title, boxmode="group", height=420, margin=dict(t=60, b=40))
+    fig.update_yaxes(title_text="Euclidean norm (per head)", row=1, col=1)
+    return fig
+
+
+# --- recorded TinyStories runs ------------------------------------------------------------------------
+def recorded_runs(root: str | Path | None) -> list[dict]:
+    """Every finished run under `root/<variant>/<seed>/` that has summary.json and log.jsonl."""
+    if root is None or not Path(root).is_dir():
+        return []
+    runs = []
+    for summary_path in sorted(Path(root).glob("*/*/summary.json")):
+        run_dir = summary_path.parent
+        if not (run_dir / "log.jsonl").is_file():
+            continue
+        summary = read_summary(run_dir)
+        runs.append({"variant": run_dir.parent.name, "seed": run_dir.name, "dir": run_dir,
+                     "summary": summary, "log": read_log(run_dir)})
+    return runs
+
+
+def summarize_runs(runs: Iterable[dict]):
+    """Per variant: number of seeds, and mean and spread (min to max) of the final validation loss,
+    perplexity and tokens/s. A pandas DataFrame (one row per variant)."""
+    import pandas as pd
+    rows = {}
+    for run in runs:
+        rows.setdefault(run["variant"], []).append(run["summary"])
+    table = []
+    for variant, summaries in rows.items():
+        row = {"variant": variant, "seeds": len(summaries),
+               "completed": sum(bool(s.get("completed")) for s in summaries)}
+        for key in ("val_loss", "val_perplexity", "tokens_per_s"):
+            values = np.array([s[key] for s in summaries if s.get(key) is not None], dtype=float)
+            if len(values):
+                row[f"{key} mean"] = values.mean()
+                row[f"{key} spread"] = values.max() - values.min()
+        table.append(row)
+    return pd.DataFrame(table).set_index("variant")
+
+
+def recorded_loss_figure(runs: list[dict], title: str = "Recorded TinyStories runs") -> go.Figure:
+    """Validation loss of recorded runs: the mean over seeds per variant, with a min-max band."""
+    fig = go.Figure()
+    by_variant: dict[str, list[dict]] = {}
+    for run in runs:
+        by_variant.setdefault(run["variant"], []).append(run["log"])
+    for i, (variant, logs) in enumerate(by_variant.items()):
+        steps = sorted(set.intersection(*(set(log["val_step"].tolist()) for log in logs)))
+        if not steps:
+            continue
+        values = np.array([[dict(zip(log["val_step"].tolist(), log["val_loss"]))[s] for s in steps] for log in logs])
+        color = variant_color(variant, i)
+        fig.add_scatter(x=steps + steps[::-1], y=list(values.max(0)) + list(values.min(0)[::-1]),
+                        fill="toself", line=dict(width=0), fillcolor=color, opacity=0.2,
+                        hoverinfo="skip", showlegend=False, legendgroup=variant)
+        fig.add_scatter(x=steps, y=values.mean(0), mode="lines+markers", line=dict(color=color),
+                        name=f"{variant} ({len(logs)} seeds)", legendgroup=variant)
+    fig.update_layout(title_text=title, xaxis_title="step", yaxis_title="validation loss (nats)", height=420)
+    return fig
+
+
+# --- benchmarks ---------------------------------------------------------------------------------------
+def lm_step_table(path: str | Path):
+    """results/bench/lm_step.json as a DataFrame (one row per attention variant) and its environment."""
+    import pandas as pd
+    record = json.loads(Path(path).read_text())
+    table = pd.DataFrame(record["results"])
+    table.insert(0, "variant", table["attention"] + "+" + table["pos"])
+    table = table.drop(columns=["attention", "pos"]).set_index("variant")
+    return table, record.get("environment", {}), record.get("settings", {})
+
+
+def attention_ratio_table(path: str | Path, variant: str = "rbf_lite"):
+    """From an attention benchmark JSON (results/bench/attention_*.json): `variant`'s forward and
+    forward+backward times as ratios to SDPA (the default backend) at every measured shape."""
+    import pandas as pd
+    record = json.loads(Path(path).read_text())
+    rows = [r for r in record["rows"] if r["variant"] == variant]
+    table = pd.DataFrame(rows)[["b", "h", "n", "d", "causal", "fwd_ms", "fwd_vs_sdpa", "fwdbwd_ms", "fwdbwd_vs_sdpa"]]
+    return table.sort_values(["causal", "d", "n"], ascending=[False, True, True]).reset_index(drop=True)
+
+
+# --- provenance ---------------------------------------------------------------------------------------
+PROVENANCE_FIELDS = ("device", "torch", "triton", "commit", "command", "time")
+
+
+def provenance(record: Mapping) -> dict:
+    """The environment stamp of one result file: at the top level (attention benchmarks) or under
+    "environment" (training runs and the step benchmarks)."""
+    env = record.get("environment") if isinstance(record.get("environment"), Mapping) else record
+    return {key: env.get(key) for key in PROVENANCE_FIELDS}
+
+
+def provenance_table(root: str | Path):
+    """Every JSON file under `root` with its device, torch, triton, commit (short), time and command."""
+    import pandas as pd
+    root = Path(root)
+    rows = []
+    for path in sorted(root.rglob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            rows.append({"file": str(path.relative_to(root)), "command": f"unreadable: {e}"})
+            continue
+        row = {"file": str(path.relative_to(root)), **provenance(record if isinstance(record, Mapping) else {})}
+        if row.get("commit"):
+            row["commit"] = row["commit"][:7]
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["file", *PROVENANCE_FIELDS]).set_index("file")
+
+
+def verify_checksums(root: str | Path, sums_file: str = "SHA256SUMS"):
+    """Hash every file listed in `root/SHA256SUMS` and compare: a DataFrame of path, size, match."""
+    import hashlib
+
+    import pandas as pd
+    root = Path(root)
+    rows = []
+    for line in (root / sums_file).read_text().splitlines():
+        if not line.strip():
+            continue
+        expected, name = line.split(maxsplit=1)
+        path = root / name.lstrip("*")
+        if not path.is_file():
+            rows.append({"file": name.removeprefix("./"), "bytes": None, "sha256 matches": False})
+            continue
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        rows.append({"file": name.removeprefix("./"), "bytes": path.stat().st_size,
+                     "sha256 matches": digest.hexdigest() == expected})
+    return pd.DataFrame(rows).set_index("file")
+
+
+def chapters_citing(files: Iterable[str], book_dir: str | Path) -> dict[str, list[str]]:
+    """For each result file (a path relative to results/), the chapters (book/*.md) whose text names
+    it: by file name, or by folder name for a run's generic summary.json."""
+    chapters = {p.stem: p.read_text() for p in sorted(Path(book_dir).glob("*.md"))}
+    found = {}
+    for file in files:
+        path = Path(file)
+        key = path.parent.name if path.name == "summary.json" else path.name
+        found[file] = [name for name, text in chapters.items() if key in text]
+    return found
