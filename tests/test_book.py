@@ -104,6 +104,7 @@ def test_chapter_starts_with_colab_setup(doc):
 
 
 def test_package_knows_the_repository():
+    pytest.importorskip("plotly")
     from rbf_lite import viz
     assert viz.REPOSITORY == CONFIG["repository"]["url"], "rbf_lite.viz.REPOSITORY must match _config.yml"
 
