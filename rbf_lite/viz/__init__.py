@@ -72,12 +72,22 @@ def single_threaded(fn):
 REPOSITORY = "https://github.com/rbf-lite/rbf-lite"
 
 
+def results_dir() -> Path | None:
+    """The checkout's `results/` folder (beside the package, or beside the book's folder, where
+    chapters execute); None where only the package is installed (Colab)."""
+    for candidate in (Path(__file__).resolve().parents[2] / "results", Path.cwd() / "results",
+                      Path.cwd().parent / "results"):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
 def results_file(relative: str) -> str:
-    """A committed result, e.g. "bench/lm_step.json": the checkout's results/ folder when there is
-    one (a local build, CI), else its address in the repository (Colab)."""
-    for root in (Path(__file__).resolve().parents[2] / "results", Path.cwd().parent / "results"):
-        if (root / relative).exists():
-            return str(root / relative)
+    """A committed result, e.g. "bench/lm_step.json": in the checkout's results/ folder when there
+    is one (a local build, CI), else its address in the repository (Colab)."""
+    root = results_dir()
+    if root is not None and (root / relative).exists():
+        return str(root / relative)
     return f"{REPOSITORY}/raw/main/results/{relative}"
 
 

@@ -15,12 +15,11 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from . import DOT, PALETTE, RBF, explorer
+from . import DOT, PALETTE, RBF, explorer, results_dir
 from .. import metrics
 from ..halo import HALOLoss, LinearHead
 
 ABSTAIN = "#7f7f7f"
-REPO = Path(__file__).resolve().parents[2]
 
 
 # --- the starburst: cross-entropy rewards long features (scaling the data) -----------------------------------------------
@@ -270,7 +269,12 @@ SEED_CLAIMS = [  # (metric, cross-entropy, HALO): the seed's published CIFAR-10 
 
 def load_summaries(root: str | Path | None = None) -> list[dict]:
     """Every `summary.json` under results/cifar10/*/ (the GPU reproduction), sorted by folder name."""
-    root = Path(root) if root is not None else REPO / "results" / "cifar10"
+    if root is None:
+        results = results_dir()
+        if results is None:
+            return []
+        root = results / "cifar10"
+    root = Path(root)
     found = []
     for path in sorted(root.glob("*/summary.json")):
         summary = json.loads(path.read_text())

@@ -2,7 +2,7 @@
 
 The chapters tell the story; these helpers do the work. A run is a folder written by
 `rbf_lite.lm.train` (log.jsonl, summary.json, checkpoint.pt, tokenizer.json). Committed results
-live under the repository's `results/`; `results_dir()` finds it from the book's folder or the
+live under the repository's `results/`; `rbf_lite.viz.results_dir()` finds it from the book's folder or the
 repository root, and every loader says plainly when there is nothing recorded yet.
 """
 from __future__ import annotations
@@ -22,19 +22,6 @@ VARIANT_COLORS = {"sdpa+rope": DOT, "sdpa_qknorm+rope": PALETTE[1], "rbf+susie":
 
 def variant_color(label: str, index: int = 0) -> str:
     return VARIANT_COLORS.get(label, PALETTE[index % len(PALETTE)])
-
-
-# --- finding committed results ------------------------------------------------------------------------
-def results_dir(start: str | Path | None = None) -> Path | None:
-    """The repository's `results/` folder: under `start` (default: the working directory) or its
-    parent (chapters execute in `book/`), else beside the installed package; None when absent
-    (e.g. in Colab, where only the notebook was opened)."""
-    start = Path.cwd() if start is None else Path(start)
-    for candidate in (start / "results", start.parent / "results",
-                      Path(__file__).resolve().parents[2] / "results"):
-        if candidate.is_dir():
-            return candidate
-    return None
 
 
 # --- reading runs -------------------------------------------------------------------------------------
