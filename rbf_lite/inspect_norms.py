@@ -49,8 +49,9 @@ def key_norm_histograms(model: GPT, idx: torch.Tensor, bins: int = 50,
 
 
 def prompt_attention_maps(model: GPT, tokenizer, prompt: str) -> tuple[list[str], list[torch.Tensor]]:
-    """Slot labels ('<reg0>', ..., then each token's text) and every layer's (H, N, N) weights."""
-    ids = tokenizer.encode(prompt)
+    """Slot labels ('<reg0>', ..., then each token's text) and every layer's (H, N, N) weights;
+    a prompt longer than the model's context is cut to its first context_length tokens."""
+    ids = tokenizer.encode(prompt)[:model.config.context_length]
     if not ids:
         raise ValueError("the prompt encodes to no tokens")
     idx = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)

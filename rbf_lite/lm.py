@@ -4,7 +4,9 @@ One script for one device or many (`torchrun --nproc_per_node N -m rbf_lite.lm .
 global batch is fixed and split over processes, and batch `step` is a pure function of
 (seed, step) (see `ShuffledBatches`), so the data position in a checkpoint is just the step.
 AdamW, linear warm-up then cosine decay, gradient clipping, bf16 autocast on CUDA (fp32 on the
-CPU). Every metric goes to DIR/log.jsonl; DIR/checkpoint.pt holds model, optimizer, scheduler,
+CPU). Every metric goes to DIR/log.jsonl (validation loss, pre-norm q/k norms and parameter norms
+at each evaluation); DIR/attention_maps.json keeps the final model's attention on a fixed prompt;
+DIR/checkpoint.pt holds model, optimizer, scheduler,
 step and RNG states, and `--resume` continues so exactly that an interrupted run ends with the
 weights of an uninterrupted one (bit-identical on the CPU). `--stop-at` ends a run early on
 purpose, e.g. to fit a long run into time-limited sessions. Without `--resume` a run starts
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import time
@@ -25,12 +28,16 @@ import torch.distributed as dist
 
 from .attention import ATTENTION_KINDS
 from .data.text import TOKENIZERS, PackedWindows, ShuffledBatches, TextTokenizer, prepare_tinystories
-from .inspect_norms import parameter_norms
+from .inspect_norms import parameter_norms, prompt_attention_maps, qk_norms
 from .models.gpt import GPT, GPTConfig
 from .positional import POSITIONAL_KINDS
-from .runs import JsonlLog, environment, load_checkpoint, progress, save_checkpoint, seed_everything, write_json
+from .runs import (JsonlLog, environment, load_checkpoint, progress, read_jsonl, save_checkpoint,
+                   seed_everything, write_json)
 
 SAMPLE_PROMPT = "Once upon a time"
+# The prompt whose attention maps every run saves (OUT/attention_maps.json) for the book's figures.
+ATTENTION_PROMPT = "Once upon a time, there was a little girl named Lily. She loved to play outside."
+NORM_PROBE_WINDOWS = 8  # validation windows whose pre-norm q/k norms are logged at each evaluation
 
 
 @dataclass
@@ -149,6 +156,31 @@ def evaluate(model: GPT, windows: PackedWindows, config: LMConfig, device: torch
     return (total[0] / total[1]).item()
 
 
+@torch.no_grad()
+def mean_qk_norms(model: GPT, probe: torch.Tensor) -> list[dict[str, float]]:
+    """Per layer, the mean pre-norm ||q|| and ||k|| over the tokens of `probe` (registers left out,
+    all heads): the trajectories the seed's claim about norm growth is about."""
+    r = model.config.num_registers
+    with autocast(probe.device):
+        layers = qk_norms(model, probe)
+    return [{name: layer[name][..., r:].mean().item() for name in ("q", "k")} for layer in layers]
+
+
+def best_validation(log_path: Path) -> tuple[float | None, int | None]:
+    """Lowest validation loss in the log and its step (read from the file, so resumes keep it)."""
+    val = [(r["val_loss"], r["step"]) for r in read_jsonl(log_path) if "val_loss" in r]
+    return min(val) if val else (None, None)
+
+
+def save_attention_maps(model: GPT, tokenizer: TextTokenizer, path: Path) -> None:
+    """Every layer's (H, N, N) weights on ATTENTION_PROMPT, rounded: a few kB per run."""
+    with autocast(next(model.parameters()).device):
+        slots, layers = prompt_attention_maps(model, tokenizer, ATTENTION_PROMPT)
+    maps = {"prompt": ATTENTION_PROMPT, "slots": slots,
+            "layers": [torch.round(w.double(), decimals=4).tolist() for w in layers]}
+    path.write_text(json.dumps(maps, separators=(",", ":")) + "\n")  # compact: thousands of numbers
+
+
 def _check_resumable(saved: dict, config: LMConfig) -> None:
     changed = [f.name for f in fields(config)
                if f.name not in RESUMABLE_CHANGES and saved.get(f.name) != getattr(config, f.name)]
@@ -190,6 +222,7 @@ def _train(config: LMConfig, device: torch.device, rank: int, world_size: int) -
     train_windows = PackedWindows(data.train, config.context_length, "the training split")
     val_windows = PackedWindows(data.validation, config.context_length, "the validation split")
     batches = ShuffledBatches(train_windows, config.batch_size, config.seed)
+    norm_probe = val_windows.rows(range(min(NORM_PROBE_WINDOWS, val_windows.num_windows)))[0].to(device)
 
     model = GPT(config.model_config(data.tokenizer.vocab_size)).to(device)
     optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr,
@@ -249,13 +282,14 @@ def _train(config: LMConfig, device: torch.device, rank: int, world_size: int) -
             val_loss = evaluate(model, val_windows, config, device, rank, world_size)
             if is_main:
                 log.write(step=done, val_loss=val_loss, val_perplexity=math.exp(val_loss),
-                          param_norms=parameter_norms(model))
+                          qk_norms=mean_qk_norms(model, norm_probe), param_norms=parameter_norms(model))
         if is_main and (done % config.checkpoint_every == 0 or done == end_step):
             save_checkpoint(checkpoint_path, model=model.state_dict(), optimizer=optimizer.state_dict(),
                             scheduler=scheduler.state_dict(), data_step=done, config=asdict(config))
         interval_start += time.perf_counter() - pause_start
     bar.close()
     steps_run = end_step - start_step
+    best_val_loss, best_val_step = best_validation(out / "log.jsonl") if is_main else (None, None)
     summary = {
         "config": asdict(config),
         "model": asdict(model.config),
@@ -270,11 +304,14 @@ def _train(config: LMConfig, device: torch.device, rank: int, world_size: int) -
         "train_loss": train_loss,
         "val_loss": val_loss,
         "val_perplexity": math.exp(val_loss) if val_loss is not None else None,
+        "best_val_loss": best_val_loss,
+        "best_val_step": best_val_step,
         "tokens_per_s": steps_run * tokens_per_step / train_time if train_time > 0 else None,
     }
     if is_main and config.sample_tokens > 0:
         summary["sample"] = sample_text(model, data.tokenizer, SAMPLE_PROMPT, config.sample_tokens)
     if is_main:
+        save_attention_maps(model, data.tokenizer, out / "attention_maps.json")
         write_json(out / "summary.json", summary)
     return summary
 

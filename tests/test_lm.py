@@ -166,6 +166,14 @@ def test_training_on_generated_text_lowers_the_loss(generated_text, tmp_path):
     assert saved["tokens_per_s"] > 0 and isinstance(saved["sample"], str)
     trajectories = norm_trajectories(tmp_path / "run" / "log.jsonl")
     assert trajectories["registers"][0] == [30]
+    evaluations = [r for r in read_jsonl(tmp_path / "run" / "log.jsonl") if "val_loss" in r]
+    assert saved["best_val_loss"] == min(r["val_loss"] for r in evaluations)
+    probe = evaluations[-1]["qk_norms"]  # pre-norm q/k norms, one entry per layer
+    assert len(probe) == saved["model"]["n_layers"] and all(layer["q"] > 0 and layer["k"] > 0 for layer in probe)
+    maps = json.loads((tmp_path / "run" / "attention_maps.json").read_text())
+    weights = torch.tensor(maps["layers"])  # (layers, heads, slots, slots), rows sum to 1, causal
+    assert weights.shape[0] == saved["model"]["n_layers"] and weights.shape[-1] == len(maps["slots"])
+    assert torch.allclose(weights.sum(-1), torch.ones(()), atol=1e-2) and weights.triu(1).abs().max() == 0
     model, tokenizer = load_run(tmp_path / "run", device="cpu")
     assert model.config.attention == "rbf" and tokenizer.decode(tokenizer.encode("Tom had")) == "Tom had"
 
