@@ -58,6 +58,9 @@ class Config:
     eps: float = field(default=0.1, metadata={"help": "HALO: target mass spread over the negative classes"})
     soft_targets: str = field(default="distill", metadata={"help": "HALO: distill (self-distillation) or smooth"})
     learn_gamma: bool = field(default=True, metadata={"help": "HALO: learn the temperature gamma"})
+    radial_weight: float = field(default=1.0, metadata={"help": "HALO: weight of the radial (soap-bubble) term"})
+    head_lr: float = field(default=1.0, metadata={
+        "help": "HALO: learning rate of the centroids and gamma, as a multiple of --lr"})
     label_smoothing: float = field(default=0.0, metadata={"help": "CCE: label smoothing"})
     subset: int | None = field(default=None, metadata={"type": int, "help": "train on a seeded random subset of this size"})
     test_subset: int | None = field(default=None, metadata={"type": int, "help": "evaluate on at most this many images per set"})
@@ -145,7 +148,7 @@ class Trainer:
         self.backbone = torch.compile(self.model) if cfg.compile else self.model
         if cfg.loss == "halo":
             self.head = HALOHead(self.num_classes, dim, eps=cfg.eps, soft_targets=cfg.soft_targets,
-                                 learn_gamma=cfg.learn_gamma).to(self.device)
+                                 learn_gamma=cfg.learn_gamma, radial_weight=cfg.radial_weight).to(self.device)
         else:
             self.head = LinearHead(self.num_classes, dim, cfg.label_smoothing).to(self.device)
         # Compiled, the loss's few dozen small ops fuse into a handful of kernels: uncompiled, they
@@ -153,16 +156,20 @@ class Trainer:
         self.training_head = torch.compile(self.head) if cfg.compile else self.head
 
         named = [*self.model.named_parameters(), *self.head.named_parameters()]
-        decay = [p for n, p in named if p.ndim >= 2 and "centroids" not in n]
-        no_decay = [p for n, p in named if not (p.ndim >= 2 and "centroids" not in n)]
-        self.optimizer = torch.optim.SGD(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+        halo = {id(p) for p in self.head.parameters()} if isinstance(self.head, HALOHead) else set()
+        decay = [p for _, p in named if p.ndim >= 2 and id(p) not in halo]
+        no_decay = [p for _, p in named if p.ndim < 2 and id(p) not in halo]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr},
+                  {"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr}]
+        if halo:  # HALO's centroids and gamma: no decay, their own learning rate
+            groups.append({"params": [p for _, p in named if id(p) in halo], "weight_decay": 0.0,
+                           "lr": cfg.lr * cfg.head_lr})
+        self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
         self.steps_per_epoch = math.ceil(len(self.train_set) / cfg.batch_size)
         total = self.steps_per_epoch * cfg.epochs
         if cfg.schedule == "onecycle":
             self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
-                self.optimizer, max_lr=cfg.lr, total_steps=total, pct_start=cfg.warmup)
+                self.optimizer, max_lr=[g["lr"] for g in groups], total_steps=total, pct_start=cfg.warmup)
         else:
             self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=total)
         self.epoch = self.step = 0

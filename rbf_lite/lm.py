@@ -252,7 +252,10 @@ def _train(config: LMConfig, device: torch.device, rank: int, world_size: int) -
     end_step = config.stop_at or config.steps
     tokens_per_step = config.batch_size * config.context_length
     train_loss = val_loss = None
-    train_time, interval_start, interval_steps = 0.0, time.perf_counter(), 0
+    # Throughput leaves out this process's first logged interval: it pays for Triton's autotuning,
+    # cuDNN's algorithm search and the allocator's warm-up, which a long run amortises.
+    timed_time, timed_steps, warm = 0.0, 0, False
+    interval_start, interval_steps = time.perf_counter(), 0
     bar = progress(total=config.steps, initial=start_step, desc=f"{config.attention}+{config.pos}",
                unit="step", disable=not is_main)
     for step in range(start_step, end_step):
@@ -270,7 +273,9 @@ def _train(config: LMConfig, device: torch.device, rank: int, world_size: int) -
         if done % config.log_every == 0 or done == end_step:
             train_loss = _all_reduce_(loss.detach().float(), world_size).item() / world_size
             elapsed = time.perf_counter() - interval_start  # .item() above synchronised the GPU
-            train_time += elapsed
+            if warm or done == end_step:
+                timed_time, timed_steps = timed_time + elapsed, timed_steps + interval_steps
+            warm = True
             tokens_per_s = interval_steps * tokens_per_step / elapsed
             if is_main:
                 log.write(step=done, train_loss=train_loss, lr=scheduler.get_last_lr()[0],
@@ -288,7 +293,6 @@ def _train(config: LMConfig, device: torch.device, rank: int, world_size: int) -
                             scheduler=scheduler.state_dict(), data_step=done, config=asdict(config))
         interval_start += time.perf_counter() - pause_start
     bar.close()
-    steps_run = end_step - start_step
     best_val_loss, best_val_step = best_validation(out / "log.jsonl") if is_main else (None, None)
     summary = {
         "config": asdict(config),
@@ -306,7 +310,7 @@ def _train(config: LMConfig, device: torch.device, rank: int, world_size: int) -
         "val_perplexity": math.exp(val_loss) if val_loss is not None else None,
         "best_val_loss": best_val_loss,
         "best_val_step": best_val_step,
-        "tokens_per_s": steps_run * tokens_per_step / train_time if train_time > 0 else None,
+        "tokens_per_s": timed_steps * tokens_per_step / timed_time if timed_time > 0 else None,
     }
     if is_main and config.sample_tokens > 0:
         summary["sample"] = sample_text(model, data.tokenizer, SAMPLE_PROMPT, config.sample_tokens)

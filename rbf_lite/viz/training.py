@@ -122,16 +122,17 @@ def qk_norm_figure(norms: Mapping[str, list], title: str = "Pre-norm query and k
 
 # --- recorded TinyStories runs ------------------------------------------------------------------------
 def recorded_runs(root: str | Path | None) -> list[dict]:
-    """Every finished run under `root/<variant>/<seed>/` that has summary.json and log.jsonl."""
+    """Every finished run in a folder of run folders (`results/tinystories/<attention>-<pos>-seed<k>/`)
+    that has summary.json and log.jsonl; the variant label and seed come from the summary."""
     if root is None or not Path(root).is_dir():
         return []
     runs = []
-    for summary_path in sorted(Path(root).glob("*/*/summary.json")):
+    for summary_path in sorted(Path(root).glob("*/summary.json")):
         run_dir = summary_path.parent
         if not (run_dir / "log.jsonl").is_file():
             continue
         summary = read_summary(run_dir)
-        runs.append({"variant": run_dir.parent.name, "seed": run_dir.name, "dir": run_dir,
+        runs.append({"variant": run_label(summary), "seed": summary["config"]["seed"], "dir": run_dir,
                      "summary": summary, "log": read_log(run_dir)})
     return runs
 
