@@ -9,8 +9,9 @@ bf16. Both losses share the backbone and its embedding width, which defaults to 
 classes: the seed's deliberate handicap (10 dimensions on CIFAR-10).
 
 The run ends by evaluating accuracy, NLL, ECE and OOD detection on every available OOD set, and
-writes `out/log.jsonl`, `out/summary.json`, `out/embeddings.npz` (test and OOD embeddings, and
-HALO's centroids, for the latent-space figure: `rbf_lite.metrics.pca`) and `out/checkpoint.pt` (written every epoch; `--resume` continues from it).
+writes `out/log.jsonl`, `out/summary.json` (with the reliability-diagram data), `out/latents.npz`
+(a sample of the test and OOD embeddings, and HALO's centroids, for the latent-space figure:
+`rbf_lite.metrics.pca`) and `out/checkpoint.pt` (written every epoch; `--resume` continues from it).
 """
 from __future__ import annotations
 
@@ -59,8 +60,9 @@ class Config:
     soft_targets: str = field(default="distill", metadata={"help": "HALO: distill (self-distillation) or smooth"})
     learn_gamma: bool = field(default=True, metadata={"help": "HALO: learn the temperature gamma"})
     radial_weight: float = field(default=1.0, metadata={"help": "HALO: weight of the radial (soap-bubble) term"})
-    head_lr: float = field(default=1.0, metadata={
-        "help": "HALO: learning rate of the centroids and gamma, as a multiple of --lr"})
+    head_lr: float = field(default=0.1, metadata={
+        "help": "HALO: learning rate of the centroids and gamma, as a multiple of --lr (at 1.0 HALO "
+                "collapses on CIFAR-10: see HALOHead)"})
     label_smoothing: float = field(default=0.0, metadata={"help": "CCE: label smoothing"})
     subset: int | None = field(default=None, metadata={"type": int, "help": "train on a seeded random subset of this size"})
     test_subset: int | None = field(default=None, metadata={"type": int, "help": "evaluate on at most this many images per set"})
@@ -72,6 +74,8 @@ class Config:
     compile: bool = field(default=False, metadata={"help": "torch.compile the backbone and the head's loss"})
     eval_batch: int = field(default=1000, metadata={"help": "evaluation batch size"})
     log_every: int = field(default=50, metadata={"help": "log the training loss every this many steps"})
+    latent_points: int = field(default=2000, metadata={
+        "help": "embeddings kept per set (test, each OOD set) in latents.npz for the PCA figure"})
     resume: bool = field(default=False, metadata={"help": "continue from out/checkpoint.pt"})
 
     def __post_init__(self):
@@ -81,7 +85,7 @@ class Config:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("epochs", "batch_size", "width", "eval_batch", "log_every"):
+        for name in ("epochs", "batch_size", "width", "eval_batch", "log_every", "latent_points"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         unknown = set(self.ood_sets) - set(DEFAULT_OOD)
@@ -236,6 +240,7 @@ class Trainer:
         probs, embeddings = self.predict(self.test_set)
         result = metrics.classification(probs, self.test_set.labels, self.head.abstains)
         if with_ood:
+            result["reliability"] = {k: v.tolist() for k, v in metrics.reliability(probs, self.test_set.labels).items()}
             in_scores = metrics.ood_scores(probs, self.head.abstains)
             result["ood"], result["embeddings"] = {}, {"test": embeddings}
             for name, data in progress(self.ood_sets.items(), desc="OOD sets", leave=False):
@@ -266,6 +271,17 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.step = state["epoch"], state["step"]
 
+    def save_latents(self, embeddings: dict[str, np.ndarray], path: Path) -> None:
+        """A seeded sample of at most `latent_points` embeddings per set, in float16, with the test
+        labels and HALO's centroids: what the latent-space (PCA) figure needs, small enough to keep."""
+        rng = np.random.default_rng(self.cfg.seed)
+        kept = {name: np.sort(rng.permutation(len(e))[:self.cfg.latent_points]) for name, e in embeddings.items()}
+        arrays = {name: e[kept[name]].astype(np.float16) for name, e in embeddings.items()}
+        arrays["test_labels"] = self.test_set.labels[kept["test"]]
+        if isinstance(self.head, HALOHead):
+            arrays["centroids"] = self.head.centred_centroids().detach().cpu().numpy()
+        np.savez_compressed(path, **arrays)
+
     def run(self) -> dict:
         """Train (or resume), checkpointing every epoch; evaluate everything; write the summary."""
         out = Path(self.cfg.out)
@@ -284,10 +300,7 @@ class Trainer:
             log.write(step=self.step, epoch=self.epoch, **stats, **{f"test_{k}": v for k, v in test.items()})
             self.save()
         result = self.evaluate()
-        embeddings = result.pop("embeddings")
-        np.savez(out / "embeddings.npz", **embeddings, test_labels=self.test_set.labels,
-                 **({"centroids": self.head.centred_centroids().detach().cpu().numpy()}
-                    if isinstance(self.head, HALOHead) else {}))
+        self.save_latents(result.pop("embeddings"), out / "latents.npz")
         summary = {"config": dataclasses.asdict(self.cfg), **environment(self.device),
                    "dataset": {"name": self.cfg.dataset, "classes": list(self.train_set.classes),
                                "train_images": len(self.train_set), "test_images": len(self.test_set)},

@@ -180,6 +180,13 @@ class HALOHead(nn.Module):
     `loss, logits = head(embeddings, targets)`; with targets=None the loss is None. Centroids
     start as N(0, I) so that neighbouring centroids sit about sqrt(2D) apart, wider than the
     shell radius sqrt(D - 2) the radial term sets.
+
+    Train the centroids and gamma more slowly than the backbone (`rbf_lite.cifar` uses 0.1x).
+    The loss has a trivial minimum: every embedding at one point, every centroid on the sphere of
+    radius sqrt(D - 2) around it. The radial term is then exactly satisfied, cross-entropy sits at
+    uniform, and once gamma has shrunk the gradients that could leave it vanish. At the backbone's
+    SGD rate (0.2) the head reaches it within a few dozen steps on CIFAR-10, before the backbone's
+    features separate the classes (`results/cifar10-sweep/`).
     """
     abstains = True
 

@@ -36,19 +36,25 @@ def nll(probs: np.ndarray, labels: np.ndarray, floor: float = 1e-12) -> float:
     return float(-np.log(np.maximum(probs[np.arange(len(labels)), labels], floor)).mean())
 
 
-def ece(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
-    """Expected calibration error: 15 equal-width confidence bins (lo, hi], |accuracy - confidence|
-    weighted by the fraction of examples in each bin. Confidence 0 falls in the first bin."""
+def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict[str, np.ndarray]:
+    """Reliability-diagram data: per equal-width confidence bin (lo, hi], the mean confidence, the
+    accuracy and the count (empty bins have 0s). Confidence 0 falls in the first bin."""
     _check_probabilities(probs, labels)
     confidence = probs.max(axis=1)
     correct = probs.argmax(axis=1) == labels
     which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
-    total = 0.0
-    for b in range(bins):
-        members = which == b
-        if members.any():
-            total += members.mean() * abs(correct[members].mean() - confidence[members].mean())
-    return float(total)
+    count = np.bincount(which, minlength=bins)
+    safe = np.maximum(count, 1)
+    return {"confidence": np.bincount(which, confidence, bins) / safe,
+            "accuracy": np.bincount(which, correct, bins) / safe, "count": count,
+            "edges": np.linspace(0, 1, bins + 1)}
+
+
+def ece(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """Expected calibration error: |accuracy - confidence| per `reliability` bin, weighted by the
+    fraction of examples in the bin."""
+    rel = reliability(probs, labels, bins)
+    return float(np.sum(rel["count"] / len(labels) * np.abs(rel["accuracy"] - rel["confidence"])))
 
 
 def _curve(scores_in: np.ndarray, scores_out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -121,7 +121,8 @@ def test_short_training_lowers_the_loss(loss, cifar10_test, tmp_path):
 @pytest.mark.slow
 def test_cli_writes_summary_and_resumes_exactly(cifar10_test, tmp_path):
     flags = ["--loss", "halo", "--epochs", "2", "--seed", "3", "--subset", "128", "--test-subset", "64",
-             "--width", "4", "--batch-size", "32", "--ood", "mnist,uniform-noise", "--device", "cpu"]
+             "--width", "4", "--batch-size", "32", "--ood", "mnist,uniform-noise", "--device", "cpu",
+             "--latent-points", "20"]
     straight = cifar.main(flags + ["--out", str(tmp_path / "straight")])
     stored = json.loads((tmp_path / "straight" / "summary.json").read_text())
     for key in ("config", "device", "torch", "commit", "command", "accuracy", "nll", "ece"):
@@ -132,6 +133,12 @@ def test_cli_writes_summary_and_resumes_exactly(cifar10_test, tmp_path):
         assert all(set(v) == {"auroc", "fpr95", "aupr"} for v in scores.values())
     log = read_jsonl(tmp_path / "straight" / "log.jsonl")
     assert log[0]["event"] == "start" and log[-1]["event"] == "end"
+    bins = stored["reliability"]
+    assert sum(bins["count"]) == 64 and len(bins["edges"]) == len(bins["count"]) + 1 == 16
+    latents = np.load(tmp_path / "straight" / "latents.npz")
+    assert latents["test"].shape == (20, 10) and latents["test"].dtype == np.float16
+    assert latents["ood_mnist"].shape == (20, 10) and latents["centroids"].shape == (10, 10)
+    assert len(latents["test_labels"]) == 20
 
     # Interrupt after one epoch, then resume: the same numbers as the uninterrupted run.
     interrupted = cifar.Trainer(cifar.parse_args(flags + ["--out", str(tmp_path / "resumed")]))

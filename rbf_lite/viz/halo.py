@@ -213,25 +213,13 @@ def tiny_cifar_run(loss: str, subset: int = 2000, epochs: int = 3, width: int = 
             "train_images": len(trainer.train_set), "skipped": trainer.ood_skipped}
 
 
-def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict[str, np.ndarray]:
-    """Per-bin mean confidence, accuracy and count, with the same bins as `metrics.ece`."""
-    confidence = probs.max(1)
-    correct = probs.argmax(1) == labels
-    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
-    count = np.bincount(which, minlength=bins)
-    safe = np.maximum(count, 1)
-    return {"confidence": np.bincount(which, confidence, bins) / safe,
-            "accuracy": np.bincount(which, correct, bins) / safe, "count": count,
-            "edges": np.linspace(0, 1, bins + 1)}
-
-
 def reliability_figure(runs: list[dict], bins: int = 15) -> go.Figure:
     """Reliability diagrams side by side: accuracy per confidence bin against the diagonal."""
     names = {"cce": "linear head + cross-entropy", "halo": "HALO (abstain counts as wrong)"}
     fig = make_subplots(rows=1, cols=len(runs), subplot_titles=[
         f"{names[r['loss']]}: ECE {r['metrics']['ece']:.3f}" for r in runs])
     for col, (run, color) in enumerate(zip(runs, (DOT, RBF)), start=1):
-        rel = reliability(run["probs"], run["labels"], bins)
+        rel = metrics.reliability(run["probs"], run["labels"], bins)
         centres = (rel["edges"][1:] + rel["edges"][:-1]) / 2
         filled = rel["count"] > 0
         fig.add_trace(go.Bar(x=centres[filled], y=rel["accuracy"][filled], width=1 / bins, name="accuracy",
