@@ -153,10 +153,19 @@ def test_cli_writes_summary_and_resumes_exactly(cifar10_test, tmp_path):
         cifar.main(flags + ["--out", str(tmp_path / "resumed"), "--resume", "--lr", "0.3"])
 
 
+def test_a_diverged_run_stops_with_a_clear_error(cifar10_test, tmp_path):
+    trainer = cifar.Trainer(tiny_config(tmp_path, loss="cce", epochs=1, ood=""))
+    trainer.training_head = lambda embeddings, labels: (embeddings.sum() * float("nan"), None)
+    with pytest.raises(FloatingPointError, match="diverged"):
+        trainer.train_epoch()
+
+
 def test_bad_configuration(tmp_path):
     with pytest.raises(SystemExit):
         cifar.parse_args(["--epochs", "many"])
     with pytest.raises(ValueError, match="loss must be one of"):
         cifar.Config(loss="hinge")
+    with pytest.raises(ValueError, match="grad_clip >= 0"):
+        cifar.Config(grad_clip=-1.0)
     with pytest.raises(ValueError, match="unknown OOD sets"):
         cifar.Config(ood="mnist,imagenet-o")
