@@ -120,13 +120,20 @@ def classification(probs: np.ndarray, labels: np.ndarray, abstains: bool) -> dic
     return result
 
 
-def pca(embeddings: np.ndarray, components: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """Project onto the top principal components; returns (projected, explained variance ratio)."""
+def pca_basis(embeddings: np.ndarray, components: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, the top principal axes as rows, their explained variance ratios): project any other
+    points on the same axes with (x - mean) @ axes.T."""
     if embeddings.ndim != 2 or embeddings.shape[0] < 2:
         raise ValueError(f"embeddings must have shape (N >= 2, D), got {embeddings.shape}")
     if not 0 < components <= embeddings.shape[1]:
         raise ValueError(f"components must lie in [1, {embeddings.shape[1]}], got {components}")
-    centred = embeddings - embeddings.mean(axis=0)
-    _, singular, axes = np.linalg.svd(centred, full_matrices=False)
+    mean = embeddings.mean(axis=0)
+    _, singular, axes = np.linalg.svd(embeddings - mean, full_matrices=False)
     variance = singular ** 2
-    return centred @ axes[:components].T, variance[:components] / variance.sum()
+    return mean, axes[:components], variance[:components] / variance.sum()
+
+
+def pca(embeddings: np.ndarray, components: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Project onto the top principal components; returns (projected, explained variance ratio)."""
+    mean, axes, ratio = pca_basis(embeddings, components)
+    return (embeddings - mean) @ axes.T, ratio

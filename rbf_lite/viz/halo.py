@@ -213,29 +213,34 @@ def tiny_cifar_run(loss: str, subset: int = 2000, epochs: int = 3, width: int = 
             "train_images": len(trainer.train_set), "skipped": trainer.ood_skipped}
 
 
-def reliability_figure(runs: list[dict], bins: int = 15) -> go.Figure:
-    """Reliability diagrams side by side: accuracy per confidence bin against the diagonal."""
-    names = {"cce": "linear head + cross-entropy", "halo": "HALO (abstain counts as wrong)"}
-    fig = make_subplots(rows=1, cols=len(runs), subplot_titles=[
-        f"{names[r['loss']]}: ECE {r['metrics']['ece']:.3f}" for r in runs])
-    for col, (run, color) in enumerate(zip(runs, (DOT, RBF)), start=1):
-        rel = metrics.reliability(run["probs"], run["labels"], bins)
-        centres = (rel["edges"][1:] + rel["edges"][:-1]) / 2
-        filled = rel["count"] > 0
-        fig.add_trace(go.Bar(x=centres[filled], y=rel["accuracy"][filled], width=1 / bins, name="accuracy",
-                             marker_color=color, showlegend=False,
-                             customdata=rel["count"][filled],
+def reliability_figure(panels: list[tuple[str, dict]]) -> go.Figure:
+    """Reliability diagrams side by side, one per (title, `metrics.reliability` bins): accuracy per
+    confidence bin against the diagonal; empty bins are not drawn."""
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[title for title, _ in panels])
+    for col, ((_, rel), color) in enumerate(zip(panels, (DOT, RBF, *PALETTE)), start=1):
+        edges, count = np.asarray(rel["edges"]), np.asarray(rel["count"])
+        centres, filled = (edges[1:] + edges[:-1]) / 2, count > 0
+        accuracy, confidence = np.asarray(rel["accuracy"]), np.asarray(rel["confidence"])
+        fig.add_trace(go.Bar(x=centres[filled], y=accuracy[filled], width=1 / len(count), name="accuracy",
+                             marker_color=color, showlegend=False, customdata=count[filled],
                              hovertemplate="bin %{x:.2f}: accuracy %{y:.2f}, %{customdata} images<extra></extra>"),
                       1, col)
         fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(color="black", dash="dash"),
                                  name="perfect calibration", showlegend=col == 1), 1, col)
-        fig.add_trace(go.Scatter(x=rel["confidence"][filled], y=rel["accuracy"][filled], mode="markers",
+        fig.add_trace(go.Scatter(x=confidence[filled], y=accuracy[filled], mode="markers",
                                  marker=dict(color="black", size=6), name="(mean confidence, accuracy)",
                                  showlegend=col == 1), 1, col)
     fig.update_xaxes(range=[0, 1], title_text="confidence (max probability)")
     fig.update_yaxes(range=[0, 1], title_text="accuracy")
     fig.update_layout(height=380, margin=dict(t=60, b=20), bargap=0)
     return fig
+
+
+def tiny_run_panels(runs: list[dict]) -> list[tuple[str, dict]]:
+    """`reliability_figure` panels of `tiny_cifar_run` results."""
+    names = {"cce": "linear head + cross-entropy", "halo": "HALO (abstain counts as wrong)"}
+    return [(f"{names[r['loss']]}: ECE {r['metrics']['ece']:.3f}", metrics.reliability(r["probs"], r["labels"]))
+            for r in runs]
 
 
 def detection_rows(runs: list[dict]) -> list[tuple]:

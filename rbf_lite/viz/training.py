@@ -67,22 +67,22 @@ def loss_curves(runs: Mapping[str, str | Path], title: str = "Loss", log_x: bool
     return fig
 
 
-def attention_map_grid(models: Mapping[str, tuple], prompt: str) -> go.Figure:
-    """Head-averaged attention weights for `prompt`: one row per model, one column per layer.
+def attention_map_grid(maps: Mapping[str, tuple], prompt: str) -> go.Figure:
+    """Head-averaged attention weights on `prompt`: one row per model, one column per layer.
 
-    `models` maps a label to (model, tokenizer). Slots are the register(s) first, then the tokens;
-    row = query, column = key; causal, so the upper triangle is zero.
+    `maps` maps a label to (slot labels, per-layer (H, N, N) weights), as
+    `inspect_norms.prompt_attention_maps` returns them or a run's attention_maps.json holds them.
+    Slots are the register(s) first, then the tokens; row = query, column = key; causal, so the
+    upper triangle is zero.
     """
-    from ..inspect_norms import prompt_attention_maps
-    maps = {label: prompt_attention_maps(model, tok, prompt) for label, (model, tok) in models.items()}
     n_layers = max(len(m[1]) for m in maps.values())
     titles = [f"{label}, layer {j}" for label in maps for j in range(n_layers)]
     fig = make_subplots(rows=len(maps), cols=n_layers, subplot_titles=titles,
-                        horizontal_spacing=0.12, vertical_spacing=0.16)
+                        horizontal_spacing=0.12, vertical_spacing=0.16 if len(maps) < 4 else 0.06)
     for i, (label, (slots, layers)) in enumerate(maps.items()):
         names = [f"{k}:{s!r}" for k, s in enumerate(slots)]
         for j, weights in enumerate(layers):
-            fig.add_heatmap(z=weights.float().mean(0).numpy(), x=names, y=names, zmin=0, zmax=1,
+            fig.add_heatmap(z=np.asarray(weights, dtype=float).mean(0), x=names, y=names, zmin=0, zmax=1,
                             colorscale="Viridis", showscale=i == 0 and j == 0,
                             colorbar=dict(title="weight", len=0.5),
                             row=i + 1, col=j + 1)
@@ -182,7 +182,9 @@ def recorded_loss_figure(runs: list[dict], title: str = "Recorded TinyStories ru
 def lm_step_table(path: str | Path):
     """results/bench/lm_step.json as a DataFrame (one row per attention variant) and its environment."""
     import pandas as pd
-    record = json.loads(Path(path).read_text())
+    from urllib.request import urlopen
+    text = urlopen(str(path)).read().decode() if str(path).startswith("https://") else Path(path).read_text()
+    record = json.loads(text)
     table = pd.DataFrame(record["results"])
     table.insert(0, "variant", table["attention"] + "+" + table["pos"])
     table = table.drop(columns=["attention", "pos"]).set_index("variant")
@@ -221,7 +223,10 @@ def provenance_table(root: str | Path):
         except (OSError, json.JSONDecodeError) as e:
             rows.append({"file": str(path.relative_to(root)), "command": f"unreadable: {e}"})
             continue
-        row = {"file": str(path.relative_to(root)), **provenance(record if isinstance(record, Mapping) else {})}
+        stamp = provenance(record if isinstance(record, Mapping) else {})
+        if not any(stamp.values()):  # e.g. a run's attention_maps.json: its summary.json holds the stamp
+            continue
+        row = {"file": str(path.relative_to(root)), **stamp}
         if row.get("commit"):
             row["commit"] = row["commit"][:7]
         rows.append(row)

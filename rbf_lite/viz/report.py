@@ -1,0 +1,432 @@
+"""The GPU results in the book: every table and figure built from the committed runs in `results/`.
+
+    python -m rbf_lite.viz.report --out report/
+
+writes each table (Markdown) and each figure (standalone HTML) to `report/`; the chapters call the
+same functions, so the page and the files always agree. Nothing here trains or times anything: it
+reads `summary.json`, `log.jsonl`, `attention_maps.json` and `latents.npz` as the trainers wrote them
+(`rbf_lite.lm`, `rbf_lite.cifar`), and the benchmark JSON files under `results/bench/`.
+Spreads are sample standard deviations over seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from . import PALETTE, REPOSITORY, go, make_subplots, results_dir
+from .. import metrics
+from .halo import ABSTAIN, SEED_CLAIMS, load_summaries, reliability_figure
+from .training import attention_map_grid, recorded_loss_figure, recorded_runs, variant_color
+
+VARIANT_ORDER = ("sdpa+rope", "sdpa_qknorm+rope", "rbf+susie", "rbf+rope")
+HEAD_NAMES = {"cce": "linear + cross-entropy", "halo": "HALO"}
+MAIN_SCORE = {"cce": "msp", "halo": "not_abstain"}  # each head's own OOD score
+
+
+def results_root(results: str | Path | None = None) -> Path:
+    """The results folder: `results` if given, else the checkout's, else a downloaded copy."""
+    if results is not None:
+        if not Path(results).is_dir():
+            raise FileNotFoundError(f"{results} is not a folder of results")
+        return Path(results)
+    return results_dir() or fetch_results()
+
+
+def fetch_results(cache: str | Path = Path.home() / ".cache" / "rbf_lite") -> Path:
+    """Where only the package is installed (Colab): the repository's `results/`, downloaded once
+    from its main branch into `cache`."""
+    import io
+    import tarfile
+    from urllib.request import urlopen
+    target = Path(cache) / "results"
+    if not target.is_dir():
+        archive = f"{REPOSITORY}/archive/refs/heads/main.tar.gz"
+        try:
+            data = urlopen(archive).read()
+        except OSError as error:
+            raise FileNotFoundError(f"no results/ folder beside the package or the book, and {archive} "
+                                    f"could not be read ({error}); clone the repository") from error
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            members = [m for m in tar.getmembers() if m.isfile() and "/results/" in m.name]
+            for m in members:
+                m.name = m.name.split("/results/", 1)[1]
+            tar.extractall(target, members=members, filter="data")
+    return target
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (0 for one value) and count, ignoring None."""
+    v = np.array([x for x in values if x is not None], dtype=float)
+    if not len(v):
+        return float("nan"), float("nan"), 0
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v)
+
+
+def pm(values: Iterable[float], digits: int = 3, percent: bool = False) -> str:
+    """'mean ± std' as text, in percent if asked."""
+    mean, std, n = mean_std(values)
+    if n == 0:
+        return "-"
+    scale, unit = (100, "%") if percent else (1, "")
+    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}{unit}"
+
+
+# --- TinyStories ------------------------------------------------------------------------------------------------------------
+def tinystories_runs(results: str | Path | None = None) -> list[dict]:
+    """The recorded runs of results/tinystories/, in VARIANT_ORDER then seed."""
+    runs = recorded_runs(results_root(results) / "tinystories")
+    rank = {v: i for i, v in enumerate(VARIANT_ORDER)}
+    return sorted(runs, key=lambda r: (rank.get(r["variant"], len(rank)), r["seed"]))
+
+
+def _by_variant(runs: Sequence[dict]) -> dict[str, list[dict]]:
+    grouped: dict[str, list[dict]] = {}
+    for run in runs:
+        grouped.setdefault(run["variant"], []).append(run)
+    return grouped
+
+
+def tinystories_table(runs: Sequence[dict]) -> pd.DataFrame:
+    """Per variant: seeds, the lowest validation loss (mean ± std) and where it fell, the final
+    validation and training losses, how far validation rose after its best (overfitting), tokens/s."""
+    rows = []
+    for variant, group in _by_variant(runs).items():
+        s = [r["summary"] for r in group]
+        best_steps = [x["best_val_step"] for x in s]
+        rise = [x["val_loss"] - x["best_val_loss"] for x in s]
+        rows.append({"variant": variant, "seeds": len(s),
+                     "best val loss": pm(x["best_val_loss"] for x in s),
+                     "best at step": f"{min(best_steps)}-{max(best_steps)}",
+                     "final val loss": pm(x["val_loss"] for x in s),
+                     "final train loss": pm(x["train_loss"] for x in s),
+                     "val rise after best": pm(rise),
+                     "tokens/s": f"{mean_std(x['tokens_per_s'] for x in s)[0]:,.0f}",
+                     "parameters": f"{s[0]['parameters']:,}"})
+    return pd.DataFrame(rows).set_index("variant")
+
+
+def mean_final_qk_norms(group: Sequence[dict]) -> dict[str, np.ndarray]:
+    """Mean over seeds of the last evaluation's per-layer pre-norm ||q|| and ||k||."""
+    last = [_qk_records(run)[-1][1] for run in group]
+    return {name: np.mean([[layer[name] for layer in layers] for layers in last], axis=0) for name in ("q", "k")}
+
+
+def _qk_records(run: dict) -> list[tuple[int, list[dict]]]:
+    from ..runs import read_jsonl
+    return [(r["step"], r["qk_norms"]) for r in read_jsonl(Path(run["dir"]) / "log.jsonl") if "qk_norms" in r]
+
+
+def qk_norm_table(runs: Sequence[dict]) -> pd.DataFrame:
+    """Per variant and layer: the mean pre-norm ||q|| and ||k|| at the end of training, and at the
+    first evaluation (the norms the model starts from)."""
+    rows = []
+    for variant, group in _by_variant(runs).items():
+        first = [_qk_records(run)[0][1] for run in group]
+        final = mean_final_qk_norms(group)
+        for layer in range(len(final["q"])):
+            rows.append({"variant": variant, "layer": layer,
+                         "||k|| first eval": np.mean([f[layer]["k"] for f in first]),
+                         "||q|| final": final["q"][layer], "||k|| final": final["k"][layer]})
+    return pd.DataFrame(rows).set_index(["variant", "layer"]).round(2)
+
+
+def qk_norm_trajectories(runs: Sequence[dict]) -> go.Figure:
+    """Mean pre-norm query (top) and key (bottom) norms against the step, one column per layer,
+    one line per variant (mean over seeds, with its min-max band)."""
+    grouped = _by_variant(runs)
+    n_layers = len(_qk_records(runs[0])[0][1])
+    fig = make_subplots(rows=2, cols=n_layers, shared_xaxes=True, shared_yaxes=True,
+                        subplot_titles=[f"layer {j}" for j in range(n_layers)],
+                        horizontal_spacing=0.03, vertical_spacing=0.08)
+    for i, (variant, group) in enumerate(grouped.items()):
+        records = [_qk_records(run) for run in group]
+        steps = [s for s, _ in records[0]]
+        color = variant_color(variant, i)
+        for row, name in enumerate(("q", "k"), start=1):
+            for layer in range(n_layers):
+                values = np.array([[norms[layer][name] for _, norms in rec] for rec in records])
+                fig.add_scatter(x=steps + steps[::-1], y=list(values.max(0)) + list(values.min(0)[::-1]),
+                                fill="toself", line=dict(width=0), fillcolor=color, opacity=0.2,
+                                hoverinfo="skip", showlegend=False, row=row, col=layer + 1)
+                fig.add_scatter(x=steps, y=values.mean(0), mode="lines", line=dict(color=color),
+                                name=variant, legendgroup=variant, showlegend=row == 1 and layer == 0,
+                                row=row, col=layer + 1)
+    fig.update_yaxes(title_text="mean ||q||", row=1, col=1)
+    fig.update_yaxes(title_text="mean ||k||", row=2, col=1)
+    fig.update_xaxes(title_text="step", row=2)
+    fig.update_layout(title_text="Pre-norm query and key norms during training (TinyStories, mean over seeds)",
+                      height=520, margin=dict(t=70, b=40), legend=dict(orientation="h", y=-0.15))
+    return fig
+
+
+def recorded_attention_maps(runs: Sequence[dict], seed: int = 0) -> go.Figure:
+    """Each variant's head-averaged attention on the fixed prompt, from its attention_maps.json."""
+    maps, prompt = {}, ""
+    for run in runs:
+        if run["seed"] == seed:
+            saved = json.loads((Path(run["dir"]) / "attention_maps.json").read_text())
+            maps[run["variant"]], prompt = (saved["slots"], saved["layers"]), saved["prompt"]
+    return attention_map_grid(maps, prompt)
+
+
+def samples(runs: Sequence[dict], seed: int = 0) -> dict[str, str]:
+    """The greedy continuation of the sample prompt that each variant's summary holds."""
+    return {run["variant"]: run["summary"]["sample"] for run in runs if run["seed"] == seed}
+
+
+def tinystories_comparison(runs: Sequence[dict]) -> pd.DataFrame:
+    """The seed's two TinyStories claims beside what our runs measured (numbers computed here)."""
+    grouped = {v: [r["summary"] for r in g] for v, g in _by_variant(runs).items()}
+    best = {v: mean_std(x["best_val_loss"] for x in s) for v, s in grouped.items()}
+    ranking = " < ".join(f"{v} {best[v][0]:.3f}" for v in sorted(best, key=lambda v: best[v][0]))
+    finals = {v: mean_final_qk_norms(g) for v, g in _by_variant(runs).items()}
+    keys = ", ".join(f"{v} {finals[v]['k'].mean():.1f}" for v in sorted(finals, key=lambda v: finals[v]["k"].mean()))
+    queries = ", ".join(f"{v} {finals[v]['q'].mean():.1f}" for v in sorted(finals, key=lambda v: finals[v]["q"].mean()))
+    return pd.DataFrame([
+        {"claim": "validation loss", "seed (full TinyStories, one epoch)": "RBF + SuSiE below SDPA from early on",
+         "ours (2 MiB sample, 600 steps, 3 seeds)": f"lowest validation loss, mean over seeds: {ranking}"},
+        {"claim": "pre-norm q/k magnitudes", "seed (full TinyStories, one epoch)":
+             "RBF keeps them from exploding; QK-norm is not needed",
+         "ours (2 MiB sample, 600 steps, 3 seeds)": f"final mean ||k|| over layers: {keys}; ||q||: {queries}"},
+    ]).set_index("claim")
+
+
+# --- CIFAR-10 ---------------------------------------------------------------------------------------------------------------
+def cifar_summaries(experiment: str = "cifar10", results: str | Path | None = None) -> list[dict]:
+    """The run summaries of results/<experiment>/ (cifar10, cifar10-openset, ...)."""
+    return load_summaries(results_root(results) / experiment)
+
+
+def _by_loss(summaries: Sequence[dict]) -> dict[str, list[dict]]:
+    grouped: dict[str, list[dict]] = {}
+    for s in summaries:
+        grouped.setdefault(s["config"]["loss"], []).append(s)
+    return grouped
+
+
+def cifar_table(summaries: Sequence[dict]) -> pd.DataFrame:
+    """Per head: seeds, epochs, accuracy, NLL, ECE, abstain rate, and per OOD set the AUROC and
+    FPR@95 of the head's own score (MSP for the linear head, 1 - p(abstain) for HALO)."""
+    rows = []
+    for loss, group in _by_loss(summaries).items():
+        row = {"head": HEAD_NAMES.get(loss, loss), "seeds": len(group), "epochs": group[0]["epochs"],
+               "accuracy": pm((s["accuracy"] for s in group), 2, True), "NLL": pm(s["nll"] for s in group),
+               "ECE": pm((s["ece"] for s in group), 4),
+               "abstain rate": pm((s.get("abstain_rate") for s in group), 2, True)}
+        for name in group[0]["ood"]:
+            score = MAIN_SCORE[loss]
+            row[f"{name} AUROC"] = pm((s["ood"][name][score]["auroc"] for s in group), 2, True)
+            row[f"{name} FPR@95"] = pm((s["ood"][name][score]["fpr95"] for s in group), 2, True)
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("head")
+
+
+def detection_table(summaries: Sequence[dict]) -> pd.DataFrame:
+    """Every OOD set and every score of every head: AUROC, FPR@95 and AUPR, mean ± std over seeds."""
+    rows = []
+    for loss, group in _by_loss(summaries).items():
+        for name, scores in group[0]["ood"].items():
+            for score in scores:
+                rows.append({"head": HEAD_NAMES.get(loss, loss), "OOD set": name, "score": score,
+                             **{label: pm((s["ood"][name][score][key] for s in group), 2, True)
+                                for label, key in (("AUROC", "auroc"), ("FPR@95", "fpr95"), ("AUPR", "aupr"))}})
+    return pd.DataFrame(rows).set_index(["head", "OOD set", "score"])
+
+
+def cifar_comparison(cifar10: Sequence[dict], openset: Sequence[dict]) -> pd.DataFrame:
+    """The seed's CIFAR-10 numbers beside ours. SVHN and CIFAR-100 are not available offline: far-OOD
+    stands in with Fashion-MNIST and MNIST, near-OOD with the held-out classes of the open-set split."""
+    ours, near = _by_loss(cifar10), _by_loss(openset)
+    held_out = next(iter(openset[0]["ood"])) if openset else None
+
+    def ood(groups, loss, name, key):
+        if loss not in groups or name is None:
+            return "-"
+        return pm((s["ood"][name][MAIN_SCORE[loss]][key] for s in groups[loss]), 2, True)
+
+    measured = {
+        "accuracy": lambda loss: pm((s["accuracy"] for s in ours.get(loss, [])), 2, True),
+        "ECE": lambda loss: pm((s["ece"] for s in ours.get(loss, [])), 4),
+        "SVHN AUROC": lambda loss: ood(ours, loss, "fashion-mnist", "auroc"),
+        "SVHN FPR@95": lambda loss: ood(ours, loss, "fashion-mnist", "fpr95"),
+        "CIFAR-100 AUROC": lambda loss: ood(near, loss, held_out, "auroc"),
+        "CIFAR-100 FPR@95": lambda loss: ood(near, loss, held_out, "fpr95"),
+    }
+    ours_set = {"accuracy": "CIFAR-10 test (JPEG)", "ECE": "CIFAR-10 test (JPEG)",
+                "SVHN AUROC": "Fashion-MNIST", "SVHN FPR@95": "Fashion-MNIST",
+                "CIFAR-100 AUROC": f"{held_out} (open-set)", "CIFAR-100 FPR@95": f"{held_out} (open-set)"}
+    rows = [{"metric": metric, "seed: cross-entropy": ce, "seed: HALO": halo,
+             "ours: cross-entropy": measured[metric]("cce"), "ours: HALO": measured[metric]("halo"),
+             "our set": ours_set[metric]} for metric, ce, halo in SEED_CLAIMS]
+    return pd.DataFrame(rows).set_index("metric")
+
+
+def pooled_reliability(group: Sequence[dict]) -> dict[str, np.ndarray]:
+    """The reliability bins of several runs pooled: counts added, confidences and accuracies
+    averaged with the counts as weights."""
+    counts = np.array([s["reliability"]["count"] for s in group], dtype=float)
+    total = counts.sum(0)
+    safe = np.maximum(total, 1)
+    pooled = {k: (counts * np.array([s["reliability"][k] for s in group])).sum(0) / safe
+              for k in ("confidence", "accuracy")}
+    return {**pooled, "count": total.astype(int), "edges": np.array(group[0]["reliability"]["edges"])}
+
+
+def recorded_reliability(summaries: Sequence[dict]) -> go.Figure:
+    """Reliability diagrams of the recorded runs, each head's seeds pooled."""
+    panels = []
+    for loss, group in _by_loss(summaries).items():
+        panels.append((f"{HEAD_NAMES.get(loss, loss)}: ECE {pm((s['ece'] for s in group), 4)}",
+                       pooled_reliability(group)))
+    return reliability_figure(panels)
+
+
+def latent_figure(run_dir: str | Path, classes: Sequence[str], ood_sets: Sequence[str] = ("fashion-mnist",),
+                  title: str = "") -> go.Figure:
+    """Test embeddings of one run projected on their first two principal components, coloured by
+    class, with OOD embeddings (grey) and HALO's centroids (stars) projected on the same axes."""
+    latents = np.load(Path(run_dir) / "latents.npz")
+    test = latents["test"].astype(np.float64)
+    mean, axes, variance = metrics.pca_basis(test, 2)
+
+    def project(x):
+        return (np.asarray(x, dtype=np.float64) - mean) @ axes.T
+    fig = go.Figure()
+    points, labels = project(test), latents["test_labels"]
+    for k, name in enumerate(classes):
+        chosen = labels == k
+        fig.add_scattergl(x=points[chosen, 0], y=points[chosen, 1], mode="markers", name=name,
+                          marker=dict(size=3, color=PALETTE[k % len(PALETTE)], opacity=0.6))
+    for name in ood_sets:
+        if f"ood_{name}" in latents:
+            p = project(latents[f"ood_{name}"])
+            fig.add_scattergl(x=p[:, 0], y=p[:, 1], mode="markers", name=f"OOD: {name}",
+                              marker=dict(size=3, color=ABSTAIN, opacity=0.35))
+    if "centroids" in latents:
+        c = project(latents["centroids"])
+        fig.add_scatter(x=c[:, 0], y=c[:, 1], mode="markers", name="centroids",
+                        marker=dict(symbol="star", size=14, color="black"))
+        origin = project(np.zeros((1, test.shape[1])))
+        fig.add_scatter(x=origin[:, 0], y=origin[:, 1], mode="markers", name="origin (abstain)",
+                        marker=dict(symbol="x", size=12, color="black"))
+    fig.update_layout(title_text=title or f"PCA of the test embeddings ({variance[0]:.0%} + {variance[1]:.0%} of the variance)",
+                      xaxis_title="PC 1", yaxis_title="PC 2", height=460)
+    fig.update_yaxes(scaleanchor="x")
+    return fig
+
+
+def embedding_geometry(run_dir: str | Path, classes: Sequence[str]) -> pd.DataFrame:
+    """Where each set's embeddings lie (from latents.npz): median norm; for the test set the mean
+    within-class spread relative to the class mean's length; with centroids (HALO), the median r^2 =
+    ||x - c||^2 / D to the nearest centroid and which centroid is nearest most often."""
+    latents = np.load(Path(run_dir) / "latents.npz")
+    sets = {"test": latents["test"]} | {k[4:]: latents[k] for k in latents.files if k.startswith("ood_")}
+    rows = []
+    for name, x in sets.items():
+        x = x.astype(np.float64)
+        row = {"set": name, "median ||x||": np.median(np.linalg.norm(x, axis=1))}
+        if name == "test":
+            labels = latents["test_labels"]
+            row["spread / class-mean length"] = np.mean([
+                np.linalg.norm(x[labels == k] - x[labels == k].mean(0), axis=1).mean()
+                / np.linalg.norm(x[labels == k].mean(0)) for k in np.unique(labels)])
+        if "centroids" in latents.files:
+            r2 = ((x[:, None] - latents["centroids"][None]) ** 2).sum(-1) / x.shape[1]
+            nearest = np.bincount(r2.argmin(1), minlength=len(classes))
+            row["median r^2 to nearest centroid"] = np.median(r2.min(1))
+            row["nearest centroid, most often"] = f"{classes[nearest.argmax()]} ({nearest.max() / len(x):.0%})"
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("set")
+
+
+def sweep_table(results: str | Path | None = None) -> pd.DataFrame:
+    """The HALO-collapse sweep (results/cifar10-sweep/): test accuracy after every epoch per run."""
+    rows = []
+    for s in cifar_summaries("cifar10-sweep", results):
+        from ..runs import read_jsonl
+        log = read_jsonl(results_root(results) / "cifar10-sweep" / s["run"] / "log.jsonl")
+        accuracy = [r["test_accuracy"] for r in log if "test_accuracy" in r]
+        rows.append({"run": s["run"], "head lr x": s["config"].get("head_lr", 1.0),
+                     "learn gamma": s["config"]["learn_gamma"], "final gamma": s.get("gamma"),
+                     **{f"epoch {i + 1}": f"{a:.1%}" for i, a in enumerate(accuracy)}})
+    return pd.DataFrame(rows).set_index("run")
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    """A DataFrame as a Markdown table (index first), floats with 4 significant digits."""
+    frame = frame.reset_index()
+    def cell(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+# --- everything at once -----------------------------------------------------------------------------------------------------
+def write_all(results: str | Path | None, out: str | Path) -> list[Path]:
+    """Regenerate every table (Markdown) and figure (HTML) of the results chapters into `out`."""
+    from .bench import combined_rows, load_bench, ratio_figure, ratio_table
+    root, out = results_root(results), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def table(name, frame):
+        (out / f"{name}.md").write_text(markdown(frame))
+        written.append(out / f"{name}.md")
+
+    def figure(name, fig):
+        fig.write_html(out / f"{name}.html", include_plotlyjs="cdn")
+        written.append(out / f"{name}.html")
+
+    runs = tinystories_runs(root)
+    if runs:
+        table("tinystories_table", tinystories_table(runs))
+        table("tinystories_comparison", tinystories_comparison(runs))
+        table("tinystories_qk_norms", qk_norm_table(runs))
+        figure("tinystories_val_loss", recorded_loss_figure(runs))
+        figure("tinystories_qk_norms", qk_norm_trajectories(runs))
+        figure("tinystories_attention", recorded_attention_maps(runs))
+        (out / "tinystories_samples.md").write_text(
+            "".join(f"**{v}**: {text}\n\n" for v, text in samples(runs).items()))
+        written.append(out / "tinystories_samples.md")
+    cifar10, openset = cifar_summaries("cifar10", root), cifar_summaries("cifar10-openset", root)
+    if cifar10:
+        table("cifar10_table", cifar_table(cifar10))
+        table("cifar10_detection", detection_table(cifar10))
+        table("cifar10_comparison", cifar_comparison(cifar10, openset))
+        figure("cifar10_reliability", recorded_reliability(cifar10))
+        for s in cifar10:
+            if s["config"]["seed"] == 0:
+                figure(f"cifar10_latents_{s['config']['loss']}",
+                       latent_figure(root / "cifar10" / s["run"], s["dataset"]["classes"]))
+    if openset:
+        table("cifar10_openset_table", cifar_table(openset))
+        table("cifar10_openset_detection", detection_table(openset))
+    if (root / "cifar10-sweep").is_dir():
+        table("cifar10_sweep", sweep_table(root))
+    bench_files = sorted((root / "bench").glob("attention_*.json"))
+    if bench_files:
+        rows = combined_rows(*[load_bench(p) for p in bench_files])
+        for causal in (True, False):
+            tag = "causal" if causal else "noncausal"
+            table(f"kernel_ratios_{tag}", ratio_table(rows, causal=causal))
+            figure(f"kernel_ratios_{tag}", ratio_figure(rows, causal=causal))
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m rbf_lite.viz.report", description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default=None, help="the results folder (default: the checkout's results/)")
+    parser.add_argument("--out", default="report", help="folder for the tables (.md) and figures (.html)")
+    args = parser.parse_args(argv)
+    for path in write_all(args.results, args.out):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
