@@ -209,7 +209,7 @@ class Trainer:
         for i in bar:
             index = order[i * self.cfg.batch_size:(i + 1) * self.cfg.batch_size]
             embeddings = self.embed(image_data.augment(self.images[index], self.mean, self.std))
-            loss, _ = self.training_head(embeddings, self.labels[index])
+            loss, _ = self.training_head(embeddings, self.labels[index], return_logits=False)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = (torch.nn.utils.clip_grad_norm_(self.parameters, self.cfg.grad_clip)

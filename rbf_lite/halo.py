@@ -138,11 +138,16 @@ class HALOLoss(nn.Module):
         abstain = self.abstain_bias() - self.gamma * row / self.dim
         return torch.cat([known, abstain], dim=1)
 
-    def targets_distribution(self, shifted: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def is_true(self, targets: torch.Tensor) -> torch.Tensor:
+        """(batch, K) mask of each row's class. A comparison, not F.one_hot: one_hot range-checks
+        its input with a host sync every call."""
+        return targets[:, None] == torch.arange(self.num_classes, device=targets.device)
+
+    def targets_distribution(self, shifted: torch.Tensor, targets: torch.Tensor,
+                             is_true: torch.Tensor | None = None) -> torch.Tensor:
         """Soft targets over K+1 classes: 1 - eps on the true class, eps over negatives, 0 on abstain."""
         known = shifted[:, :self.num_classes].detach()
-        # A comparison, not F.one_hot: one_hot range-checks its input with a host sync every call.
-        is_true = targets[:, None] == torch.arange(self.num_classes, device=targets.device)
+        is_true = self.is_true(targets) if is_true is None else is_true
         if self.soft_targets == "distill":
             negatives = known.masked_fill(is_true, float("-inf")).softmax(dim=1)
         else:
@@ -150,28 +155,34 @@ class HALOLoss(nn.Module):
         known_targets = torch.where(is_true, 1 - self.eps, self.eps * negatives)
         return torch.cat([known_targets, known_targets.new_zeros(known.shape[0], 1)], dim=1)
 
-    def radial(self, embeddings: torch.Tensor, centroids: torch.Tensor,
-               targets: torch.Tensor) -> torch.Tensor:
-        """L_rad per example, on r^2 = ||x - c_y||^2 / D computed directly (exact at x = c_y)."""
-        r2 = ((embeddings - centroids[targets]) ** 2).sum(dim=1) / self.dim
+    def radial(self, embeddings: torch.Tensor, centroids: torch.Tensor, targets: torch.Tensor,
+               is_true: torch.Tensor | None = None) -> torch.Tensor:
+        """L_rad per example, on r^2 = ||x - c_y||^2 / D computed directly (exact at x = c_y).
+        c_y is picked by a one-hot matmul: its backward is one matmul, an indexed gather's is a
+        scatter (several kernels)."""
+        is_true = self.is_true(targets) if is_true is None else is_true
+        r2 = ((embeddings - is_true.to(centroids.dtype) @ centroids) ** 2).sum(dim=1) / self.dim
         r2 = r2.clamp_min(1e-6)
         return -((0.5 - 1 / self.dim) * r2.log() - 0.5 * r2)
 
-    def forward(self, embeddings: torch.Tensor, targets: torch.Tensor,
-                centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, embeddings: torch.Tensor, targets: torch.Tensor, centroids: torch.Tensor,
+                return_logits: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The loss and the true logits; return_logits=False skips the logits (None), which a
+        training step does not need: about a fifth of the head's kernel launches."""
         check_batch(embeddings, targets, self.num_classes, self.dim)
         if centroids.shape != (self.num_classes, self.dim):
             raise ValueError(f"centroids must have shape ({self.num_classes}, {self.dim}), "
                              f"got {tuple(centroids.shape)}")
         shifted = self.shifted_logits(embeddings, centroids)
-        soft = self.targets_distribution(shifted, targets)
+        is_true = self.is_true(targets)
+        soft = self.targets_distribution(shifted, targets, is_true)
         cross_entropy = -(soft * shifted.log_softmax(dim=1)).sum(dim=1)
-        loss = cross_entropy + self.radial_weight * self.radial(embeddings, centroids, targets)
+        loss = cross_entropy + self.radial_weight * self.radial(embeddings, centroids, targets, is_true)
         if self.reduction == "mean":
             loss = loss.mean()
         elif self.reduction == "sum":
             loss = loss.sum()
-        return loss, self.logits(embeddings.detach(), centroids.detach())
+        return loss, self.logits(embeddings.detach(), centroids.detach()) if return_logits else None
 
 
 class HALOHead(nn.Module):
@@ -201,12 +212,12 @@ class HALOHead(nn.Module):
     def calibrate(self, embeddings: torch.Tensor) -> float:
         return self.loss.calibrate_gamma(embeddings, self.centred_centroids())
 
-    def forward(self, embeddings: torch.Tensor,
-                targets: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def forward(self, embeddings: torch.Tensor, targets: torch.Tensor | None = None,
+                return_logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         embeddings = embeddings.float()
         if targets is None:
             return None, self.loss.logits(embeddings, self.centred_centroids())
-        return self.loss(embeddings, targets, self.centred_centroids())
+        return self.loss(embeddings, targets, self.centred_centroids(), return_logits)
 
 
 class LinearHead(nn.Module):
@@ -221,8 +232,9 @@ class LinearHead(nn.Module):
     def calibrate(self, embeddings: torch.Tensor) -> None:
         """Nothing to calibrate: present so that trainers treat both heads alike."""
 
-    def forward(self, embeddings: torch.Tensor,
-                targets: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def forward(self, embeddings: torch.Tensor, targets: torch.Tensor | None = None,
+                return_logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """return_logits is accepted for symmetry with HALOHead; the logits come for free here."""
         check_batch(embeddings, targets, self.num_classes, self.dim)
         logits = self.linear(embeddings.float())
         if targets is None:

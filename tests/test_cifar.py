@@ -155,7 +155,7 @@ def test_cli_writes_summary_and_resumes_exactly(cifar10_test, tmp_path):
 
 def test_a_diverged_run_stops_with_a_clear_error(cifar10_test, tmp_path):
     trainer = cifar.Trainer(tiny_config(tmp_path, loss="cce", epochs=1, ood=""))
-    trainer.training_head = lambda embeddings, labels: (embeddings.sum() * float("nan"), None)
+    trainer.training_head = lambda embeddings, labels, **_: (embeddings.sum() * float("nan"), None)
     with pytest.raises(FloatingPointError, match="diverged"):
         trainer.train_epoch()
 

@@ -130,6 +130,15 @@ def test_reduction_and_returned_logits():
     torch.testing.assert_close(halo(x, targets, centroids)[0], each.sum())
     halo.reduction = "mean"
     torch.testing.assert_close(halo(x, targets, centroids)[0], each.mean())
+    loss, none = halo(x, targets, centroids, return_logits=False)  # what a training step asks for
+    assert none is None and torch.equal(loss, halo(x, targets, centroids)[0])
+
+
+def test_radial_picks_the_true_centroid():
+    halo, x, centroids, targets = random_problem()
+    expected = ((x - centroids[targets]) ** 2).sum(1) / halo.dim
+    direct = -((0.5 - 1 / halo.dim) * expected.clamp_min(1e-6).log() - 0.5 * expected.clamp_min(1e-6))
+    torch.testing.assert_close(halo.radial(x, centroids, targets), direct)
 
 
 def test_gamma_calibration_gives_unit_spread():

@@ -75,8 +75,21 @@ def test_write_all_regenerates_every_table_and_figure(tmp_path):
     written = {p.name for p in report.write_all(RESULTS, tmp_path)}
     for name in ("tinystories_table.md", "tinystories_qk_norms.html", "tinystories_attention.html",
                  "cifar10_comparison.md", "cifar10_reliability.html", "cifar10_latents_halo.html",
-                 "cifar10_openset_detection.md", "cifar10_sweep.md", "kernel_ratios_causal.html"):
+                 "cifar10_openset_detection.md", "cifar10_sweep.md", "kernel_ratios_causal.html",
+                 "kernel_ratios_fwdbwd_noncausal.md", "kernel_targets.md", "kernel_decode.md", "lm_step.md"):
         assert name in written
     assert "| sdpa+rope |" in (tmp_path / "tinystories_table.md").read_text()
     with pytest.raises(FileNotFoundError, match="not a folder"):
         report.results_root(tmp_path / "missing")
+
+
+def test_kernel_targets_compare_every_measurement():
+    from rbf_lite.viz import bench
+    rows = bench.combined_rows(bench.load_bench(RESULTS / "bench" / "attention_bf16.json"))
+    decode = json.loads((RESULTS / "bench" / "decode_bf16.json").read_text())
+    table = report.kernel_targets(rows, decode)
+    mine = rows[(rows.variant == "rbf_lite") & (rows.n >= 4096)]
+    low, high = table.loc[("forward", "N >= 4096"), "measured (x SDPA)"].split(" - ")
+    assert float(low) == pytest.approx(mine.fwd_vs_sdpa.min(), abs=0.005)
+    assert float(high) == pytest.approx(mine.fwd_vs_sdpa.max(), abs=0.005)
+    assert table.loc[("forward", "N >= 4096"), "met"] == bool((mine.fwd_vs_sdpa <= 1.10).all())
