@@ -162,7 +162,8 @@ class Trainer:
         else:
             self.head = LinearHead(self.num_classes, dim, cfg.label_smoothing).to(self.device)
         # Compiled, the loss's few dozen small ops fuse into a handful of kernels: uncompiled, they
-        # make a training step launch-bound (HALO costs ~20% more per epoch on an H100, eager).
+        # make a training step launch-bound (HALO costs 16-25% more per epoch on an H100, eager:
+        # results/bench/NOTES.md).
         self.training_head = torch.compile(self.head) if cfg.compile else self.head
 
         named = [*self.model.named_parameters(), *self.head.named_parameters()]
