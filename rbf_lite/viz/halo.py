@@ -5,17 +5,15 @@ this module only arranges toy problems, tiny runs and figures around them.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from . import DOT, PALETTE, RBF, explorer, results_dir
+from . import DOT, PALETTE, RBF, explorer
 from .. import metrics
 from ..halo import HALOLoss, LinearHead
 
@@ -258,38 +256,3 @@ SEED_CLAIMS = [  # (metric, cross-entropy, HALO): the seed's published CIFAR-10 
     ("CIFAR-100 AUROC", "82.83%", "91.72%"),
     ("CIFAR-100 FPR@95", "48.94%", "37.63%"),
 ]
-
-
-def load_summaries(root: str | Path | None = None) -> list[dict]:
-    """Every `summary.json` under results/cifar10/*/ (the GPU reproduction), sorted by folder name."""
-    if root is None:
-        results = results_dir()
-        if results is None:
-            return []
-        root = results / "cifar10"
-    root = Path(root)
-    found = []
-    for path in sorted(root.glob("*/summary.json")):
-        summary = json.loads(path.read_text())
-        summary["run"] = path.parent.name
-        found.append(summary)
-    return found
-
-
-def summary_rows(summaries: list[dict]) -> list[tuple]:
-    """(run, loss, seed, epochs, accuracy, ECE, SVHN AUROC, SVHN FPR@95, CIFAR-100 AUROC, CIFAR-100 FPR@95).
-
-    OOD columns use the head's main score: MSP for the linear head, 1 - p(abstain) for HALO; missing
-    entries are None.
-    """
-    rows = []
-    for s in summaries:
-        cfg = s.get("config", {})
-        score = "not_abstain" if cfg.get("loss") == "halo" else "msp"
-
-        def det(name, key):
-            return s.get("ood", {}).get(name, {}).get(score, {}).get(key)
-
-        rows.append((s["run"], cfg.get("loss"), cfg.get("seed"), s.get("epochs"), s.get("accuracy"), s.get("ece"),
-                     det("svhn", "auroc"), det("svhn", "fpr95"), det("cifar100", "auroc"), det("cifar100", "fpr95")))
-    return rows

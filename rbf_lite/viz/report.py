@@ -22,7 +22,8 @@ from plotly.colors import qualitative
 
 from . import REPOSITORY, go, make_subplots, results_dir
 from .. import metrics
-from .halo import ABSTAIN, SEED_CLAIMS, load_summaries, reliability_figure
+from ..runs import read_jsonl
+from .halo import ABSTAIN, SEED_CLAIMS, reliability_figure
 from .training import attention_map_grid, lm_step_table, recorded_loss_figure, recorded_runs, variant_color
 
 VARIANT_ORDER = ("sdpa+rope", "sdpa_qknorm+rope", "rbf+susie", "rbf+rope")
@@ -86,11 +87,20 @@ def tinystories_runs(results: str | Path | None = None) -> list[dict]:
     return sorted(runs, key=lambda r: (rank.get(r["variant"], len(rank)), r["seed"]))
 
 
-def _by_variant(runs: Sequence[dict]) -> dict[str, list[dict]]:
-    grouped: dict[str, list[dict]] = {}
-    for run in runs:
-        grouped.setdefault(run["variant"], []).append(run)
+def _grouped(items: Iterable, key) -> dict[str, list]:
+    """Items by key(item), in order of first appearance."""
+    grouped: dict[str, list] = {}
+    for item in items:
+        grouped.setdefault(key(item), []).append(item)
     return grouped
+
+
+def _by_variant(runs: Sequence[dict]) -> dict[str, list[dict]]:
+    return _grouped(runs, lambda run: run["variant"])
+
+
+def _by_loss(summaries: Sequence[dict]) -> dict[str, list[dict]]:
+    return _grouped(summaries, lambda s: s["config"]["loss"])
 
 
 def tinystories_table(runs: Sequence[dict]) -> pd.DataFrame:
@@ -114,13 +124,8 @@ def tinystories_table(runs: Sequence[dict]) -> pd.DataFrame:
 
 def mean_final_qk_norms(group: Sequence[dict]) -> dict[str, np.ndarray]:
     """Mean over seeds of the last evaluation's per-layer pre-norm ||q|| and ||k||."""
-    last = [_qk_records(run)[-1][1] for run in group]
+    last = [run["log"]["qk_norms"][-1] for run in group]
     return {name: np.mean([[layer[name] for layer in layers] for layers in last], axis=0) for name in ("q", "k")}
-
-
-def _qk_records(run: dict) -> list[tuple[int, list[dict]]]:
-    from ..runs import read_jsonl
-    return [(r["step"], r["qk_norms"]) for r in read_jsonl(Path(run["dir"]) / "log.jsonl") if "qk_norms" in r]
 
 
 def qk_norm_table(runs: Sequence[dict]) -> pd.DataFrame:
@@ -128,7 +133,7 @@ def qk_norm_table(runs: Sequence[dict]) -> pd.DataFrame:
     first evaluation (the norms the model starts from)."""
     rows = []
     for variant, group in _by_variant(runs).items():
-        first = [_qk_records(run)[0][1] for run in group]
+        first = [run["log"]["qk_norms"][0] for run in group]
         final = mean_final_qk_norms(group)
         for layer in range(len(final["q"])):
             rows.append({"variant": variant, "layer": layer,
@@ -141,17 +146,16 @@ def qk_norm_trajectories(runs: Sequence[dict]) -> go.Figure:
     """Mean pre-norm query (top) and key (bottom) norms against the step, one column per layer,
     one line per variant (mean over seeds, with its min-max band)."""
     grouped = _by_variant(runs)
-    n_layers = len(_qk_records(runs[0])[0][1])
+    n_layers = len(runs[0]["log"]["qk_norms"][0])
     fig = make_subplots(rows=2, cols=n_layers, shared_xaxes=True, shared_yaxes=True,
                         subplot_titles=[f"layer {j}" for j in range(n_layers)],
                         horizontal_spacing=0.03, vertical_spacing=0.08)
     for i, (variant, group) in enumerate(grouped.items()):
-        records = [_qk_records(run) for run in group]
-        steps = [s for s, _ in records[0]]
+        steps = group[0]["log"]["qk_step"]
         color = variant_color(variant, i)
         for row, name in enumerate(("q", "k"), start=1):
             for layer in range(n_layers):
-                values = np.array([[norms[layer][name] for _, norms in rec] for rec in records])
+                values = np.array([[norms[layer][name] for norms in run["log"]["qk_norms"]] for run in group])
                 fig.add_scatter(x=steps + steps[::-1], y=list(values.max(0)) + list(values.min(0)[::-1]),
                                 fill="toself", line=dict(width=0), fillcolor=color, opacity=0.2,
                                 hoverinfo="skip", showlegend=False, row=row, col=layer + 1)
@@ -183,10 +187,10 @@ def samples(runs: Sequence[dict], seed: int = 0) -> dict[str, str]:
 
 def tinystories_comparison(runs: Sequence[dict]) -> pd.DataFrame:
     """The seed's two TinyStories claims beside what our runs measured (numbers computed here)."""
-    grouped = {v: [r["summary"] for r in g] for v, g in _by_variant(runs).items()}
-    best = {v: mean_std(x["best_val_loss"] for x in s) for v, s in grouped.items()}
+    grouped = _by_variant(runs)
+    best = {v: mean_std(run["summary"]["best_val_loss"] for run in g) for v, g in grouped.items()}
     ranking = " < ".join(f"{v} {best[v][0]:.3f}" for v in sorted(best, key=lambda v: best[v][0]))
-    finals = {v: mean_final_qk_norms(g) for v, g in _by_variant(runs).items()}
+    finals = {v: mean_final_qk_norms(g) for v, g in grouped.items()}
     keys = ", ".join(f"{v} {finals[v]['k'].mean():.1f}" for v in sorted(finals, key=lambda v: finals[v]["k"].mean()))
     queries = ", ".join(f"{v} {finals[v]['q'].mean():.1f}" for v in sorted(finals, key=lambda v: finals[v]["q"].mean()))
     return pd.DataFrame([
@@ -200,15 +204,12 @@ def tinystories_comparison(runs: Sequence[dict]) -> pd.DataFrame:
 
 # --- CIFAR-10 ---------------------------------------------------------------------------------------------------------------
 def cifar_summaries(experiment: str = "cifar10", results: str | Path | None = None) -> list[dict]:
-    """The run summaries of results/<experiment>/ (cifar10, cifar10-openset, ...)."""
-    return load_summaries(results_root(results) / experiment)
-
-
-def _by_loss(summaries: Sequence[dict]) -> dict[str, list[dict]]:
-    grouped: dict[str, list[dict]] = {}
-    for s in summaries:
-        grouped.setdefault(s["config"]["loss"], []).append(s)
-    return grouped
+    """The run summaries of results/<experiment>/ (cifar10, cifar10-openset, ...), sorted by run
+    folder, each with its folder's name under "run"."""
+    summaries = []
+    for path in sorted((results_root(results) / experiment).glob("*/summary.json")):
+        summaries.append({**json.loads(path.read_text()), "run": path.parent.name})
+    return summaries
 
 
 def cifar_table(summaries: Sequence[dict]) -> pd.DataFrame:
@@ -377,10 +378,10 @@ def kernel_targets(attention_rows: pd.DataFrame, decode: dict, dtype: str = "bf1
 
 def sweep_table(results: str | Path | None = None) -> pd.DataFrame:
     """The HALO-collapse sweep (results/cifar10-sweep/): test accuracy after every epoch per run."""
+    root = results_root(results) / "cifar10-sweep"
     rows = []
     for s in cifar_summaries("cifar10-sweep", results):
-        from ..runs import read_jsonl
-        log = read_jsonl(results_root(results) / "cifar10-sweep" / s["run"] / "log.jsonl")
+        log = read_jsonl(root / s["run"] / "log.jsonl")
         accuracy = [r["test_accuracy"] for r in log if "test_accuracy" in r]
         rows.append({"run": s["run"], "head lr x": s["config"].get("head_lr", 1.0),
                      "learn gamma": s["config"]["learn_gamma"], "final gamma": s.get("gamma"),

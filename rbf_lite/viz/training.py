@@ -26,7 +26,8 @@ def variant_color(label: str, index: int = 0) -> str:
 
 # --- reading runs -------------------------------------------------------------------------------------
 def read_log(run_dir: str | Path) -> dict[str, np.ndarray]:
-    """A run's log.jsonl as arrays: train_step, train_loss, tokens_per_s, val_step, val_loss."""
+    """A run's log.jsonl as arrays: train_step, train_loss, tokens_per_s, val_step, val_loss; and
+    qk_step, qk_norms (per evaluation, per layer, {'q', 'k'} mean pre-norm lengths) where logged."""
     from ..runs import read_jsonl
     records = read_jsonl(Path(run_dir) / "log.jsonl")
     train = [r for r in records if "train_loss" in r]
@@ -37,6 +38,8 @@ def read_log(run_dir: str | Path) -> dict[str, np.ndarray]:
         "tokens_per_s": np.array([r.get("tokens_per_s", np.nan) for r in train]),
         "val_step": np.array([r["step"] for r in val]),
         "val_loss": np.array([r["val_loss"] for r in val]),
+        "qk_step": [r["step"] for r in val if "qk_norms" in r],
+        "qk_norms": [r["qk_norms"] for r in val if "qk_norms" in r],
     }
 
 
