@@ -33,6 +33,13 @@ gamma init rule (`calibrate_gamma`): on one batch of embeddings from the untrain
 gamma is set so that the shifted logits of a row have standard deviation 1 across the K classes
 (averaged over the batch): moderate logits whatever the backbone's output scale, so the first
 softmax is neither uniform nor saturated. Until calibrated, gamma = 1.
+
+Fused path. Composed from torch ops, the loss's forward and backward are about 90 small kernel
+launches, which makes an eager training step launch-bound. Where it applies (fp32, CUDA or
+TRITON_INTERPRET=1, reduction "mean" or "sum", not under torch.compile, which fuses the torch ops
+itself), `HALOLoss` instead runs `rbf_lite.kernels.halo_head`: one Triton kernel computes the loss
+and all its gradients at forward time, and the backward is one multiply by grad_output. The torch
+composition below stays the specification and the fallback.
 """
 from __future__ import annotations
 
@@ -42,10 +49,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .rbf import triton_available
+
 
 def check_batch(embeddings: torch.Tensor, targets: torch.Tensor | None, num_classes: int,
-                dim: int) -> None:
-    """Clear errors for the mistakes a caller can make; the value check is skipped when compiling."""
+                dim: int, device_check: bool = True) -> None:
+    """Clear errors for the mistakes a caller can make; the value check is skipped when compiling.
+
+    device_check=False leaves the value check of CUDA targets to the caller (the fused kernel
+    checks them as it reads them); CPU targets are still checked here, with a clear error."""
     if embeddings.ndim != 2 or embeddings.shape[1] != dim:
         raise ValueError(f"embeddings must have shape (batch, {dim}), got {tuple(embeddings.shape)}")
     if embeddings.shape[0] == 0:
@@ -59,6 +71,8 @@ def check_batch(embeddings: torch.Tensor, targets: torch.Tensor | None, num_clas
     if torch.compiler.is_compiling():
         return
     if targets.is_cuda:
+        if not device_check:
+            return
         # A host sync every step would stall the launch queue (and cost HALO's many small ops
         # their overlap with the backbone): check on the device, failing at the next sync.
         torch._assert_async(((targets >= 0) & (targets < num_classes)).all(),
@@ -69,6 +83,11 @@ def check_batch(embeddings: torch.Tensor, targets: torch.Tensor | None, num_clas
         raise ValueError(f"targets must lie in [0, {num_classes}), got values in [{low}, {high}]")
 
 
+def centred(centroids: torch.Tensor) -> torch.Tensor:
+    """Centroids minus their mean: HALOHead's parametrisation (a common shift changes no logit)."""
+    return centroids - centroids.mean(dim=0, keepdim=True)
+
+
 class HALOLoss(nn.Module):
     """Distance logits + abstain column + radial term + soft-target cross-entropy.
 
@@ -76,10 +95,15 @@ class HALOLoss(nn.Module):
     and are the true (clamped-distance) logits: the same softmax as the shifted ones the loss uses.
     soft_targets: "distill" spreads `eps` over the negatives in proportion to the model's own
     detached probabilities for them (dark knowledge); "smooth" spreads it uniformly.
+    fused: None runs the fused Triton loss wherever it applies (module docstring), False always
+    the torch composition, True requires the fused loss (RuntimeError where it cannot run; under
+    torch.compile the torch composition is still used, since the compiler fuses it).
     """
+    rows_per_program = 512  # fused kernel: batch rows per program; more programs cost one more launch
 
     def __init__(self, num_classes: int, dim: int, eps: float = 0.1, soft_targets: str = "distill",
-                 learn_gamma: bool = True, radial_weight: float = 1.0, reduction: str = "mean"):
+                 learn_gamma: bool = True, radial_weight: float = 1.0, reduction: str = "mean",
+                 fused: bool | None = None):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"need at least 2 classes, got {num_classes}")
@@ -93,6 +117,7 @@ class HALOLoss(nn.Module):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
         self.num_classes, self.dim, self.eps = num_classes, dim, eps
         self.soft_targets, self.radial_weight, self.reduction = soft_targets, radial_weight, reduction
+        self.fused = fused
         self.log_gamma = nn.Parameter(torch.zeros(()), requires_grad=learn_gamma)
 
     @property
@@ -165,24 +190,58 @@ class HALOLoss(nn.Module):
         r2 = r2.clamp_min(1e-6)
         return -((0.5 - 1 / self.dim) * r2.log() - 0.5 * r2)
 
+    def uses_fused(self, embeddings: torch.Tensor, centroids: torch.Tensor) -> bool:
+        """Whether `forward` runs the fused Triton loss on these inputs (see `fused`)."""
+        if self.fused is False or torch.compiler.is_compiling():
+            return False
+        reason = None
+        if self.reduction == "none":
+            reason = "reduction='none'"
+        elif not embeddings.dtype == centroids.dtype == self.log_gamma.dtype == torch.float32:
+            reason = "fp32 embeddings, centroids and log_gamma"
+        elif not embeddings.device == centroids.device == self.log_gamma.device:
+            reason = "one device for every input"
+        elif not triton_available(embeddings.device):
+            reason = "Triton on a CUDA GPU with compute capability >= 8.0, or TRITON_INTERPRET=1"
+        else:
+            from .kernels.halo_head import fits
+            if not fits(self.num_classes, self.dim):
+                reason = f"a smaller head than {self.num_classes} classes x {self.dim} dimensions"
+        if reason is not None and self.fused:
+            raise RuntimeError(f"fused=True, but the fused HALO loss needs {reason}; use fused=None or False")
+        return reason is None
+
     def forward(self, embeddings: torch.Tensor, targets: torch.Tensor, centroids: torch.Tensor,
-                return_logits: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                return_logits: bool = True, centre: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The loss and the true logits; return_logits=False skips the logits (None), which a
-        training step does not need: about a fifth of the head's kernel launches."""
-        check_batch(embeddings, targets, self.num_classes, self.dim)
+        training step does not need: about a fifth of the torch path's kernel launches.
+        centre=True mean-centres the centroids first (`HALOHead`'s parametrisation): the fused
+        kernel then does it on the fly, and its gradient reaches the raw centroids."""
+        fused = self.uses_fused(embeddings, centroids)
+        check_batch(embeddings, targets, self.num_classes, self.dim, device_check=not fused)
         if centroids.shape != (self.num_classes, self.dim):
             raise ValueError(f"centroids must have shape ({self.num_classes}, {self.dim}), "
                              f"got {tuple(centroids.shape)}")
-        shifted = self.shifted_logits(embeddings, centroids)
-        is_true = self.is_true(targets)
-        soft = self.targets_distribution(shifted, targets, is_true)
-        cross_entropy = -(soft * shifted.log_softmax(dim=1)).sum(dim=1)
-        loss = cross_entropy + self.radial_weight * self.radial(embeddings, centroids, targets, is_true)
-        if self.reduction == "mean":
-            loss = loss.mean()
-        elif self.reduction == "sum":
-            loss = loss.sum()
-        return loss, self.logits(embeddings.detach(), centroids.detach()) if return_logits else None
+        if fused:
+            from .kernels.halo_head import FusedHALOLoss
+            loss = FusedHALOLoss.apply(embeddings, targets, centroids, self.log_gamma, self.eps, self.margin,
+                                       self.radial_weight, self.soft_targets == "distill", centre,
+                                       self.reduction == "mean", self.rows_per_program)
+        else:
+            centroids, centre = (centred(centroids) if centre else centroids), False
+            shifted = self.shifted_logits(embeddings, centroids)
+            is_true = self.is_true(targets)
+            soft = self.targets_distribution(shifted, targets, is_true)
+            cross_entropy = -(soft * shifted.log_softmax(dim=1)).sum(dim=1)
+            loss = cross_entropy + self.radial_weight * self.radial(embeddings, centroids, targets, is_true)
+            if self.reduction == "mean":
+                loss = loss.mean()
+            elif self.reduction == "sum":
+                loss = loss.sum()
+        if not return_logits:
+            return loss, None
+        centroids = centroids.detach()
+        return loss, self.logits(embeddings.detach(), centred(centroids) if centre else centroids)
 
 
 class HALOHead(nn.Module):
@@ -207,7 +266,7 @@ class HALOHead(nn.Module):
         self.loss = HALOLoss(num_classes, dim, **loss_options)
 
     def centred_centroids(self) -> torch.Tensor:
-        return self.centroids - self.centroids.mean(dim=0, keepdim=True)
+        return centred(self.centroids)
 
     def calibrate(self, embeddings: torch.Tensor) -> float:
         return self.loss.calibrate_gamma(embeddings, self.centred_centroids())
@@ -217,7 +276,7 @@ class HALOHead(nn.Module):
         embeddings = embeddings.float()
         if targets is None:
             return None, self.loss.logits(embeddings, self.centred_centroids())
-        return self.loss(embeddings, targets, self.centred_centroids(), return_logits)
+        return self.loss(embeddings, targets, self.centroids, return_logits, centre=True)
 
 
 class LinearHead(nn.Module):

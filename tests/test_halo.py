@@ -188,3 +188,139 @@ def test_bad_configuration():
         HALOLoss(4, 2)
     with pytest.raises(ValueError, match="centroids must have shape"):
         HALOLoss(4, 6)(torch.randn(3, 6), torch.tensor([0, 1, 2]), torch.randn(5, 6))
+
+
+# The fused Triton loss (rbf_lite.kernels.halo_head), run by Triton's interpreter on the CPU.
+
+def fused_and_reference(classes, dim, device, seed=0, **options):
+    """An fp32 head on the fused path (GPU, or the interpreter on the CPU), and a float64 copy of
+    it on the torch path."""
+    torch.manual_seed(seed)
+    fused = HALOHead(classes, dim, fused=True, **options).to(device)
+    reference = HALOHead(classes, dim, fused=False, **options).double().to(device)
+    with torch.no_grad():
+        fused.centroids.add_(torch.randn(dim, device=device))  # raw centroids off-centre: the centring matters
+        fused.loss.log_gamma.fill_(0.5 * torch.randn(()).item())
+    reference.load_state_dict(fused.state_dict())
+    return fused, reference
+
+
+def loss_and_grads(head, x, targets, grad_output=1.7):
+    """Through HALOHead's loss (HALOHead.forward itself casts to fp32), centring as HALOHead does."""
+    x = x.detach().clone().requires_grad_()
+    loss, _ = head.loss(x, targets, head.centroids, return_logits=False, centre=True)
+    (grad_output * loss).backward()
+    return loss.detach(), x.grad, head.centroids.grad, head.loss.log_gamma.grad
+
+
+def assert_matches_reference(fused, reference, x, targets):
+    got = loss_and_grads(fused, x, targets)
+    expected = loss_and_grads(reference, x.double(), targets)
+    for name, a, b in zip(("loss", "embeddings", "centroids", "log_gamma"), got, expected):
+        if b is None:
+            assert a is None, name
+            continue
+        assert a.dtype == torch.float32 and torch.isfinite(a).all(), name
+        torch.testing.assert_close(a.double(), b, rtol=2e-4, atol=2e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("batch,classes,dim", [(1, 2, 3), (37, 7, 10), (300, 10, 17)])
+@pytest.mark.parametrize("soft_targets", ["distill", "smooth"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("radial_weight", [0.0, 0.7])
+def test_fused_loss_and_gradients_match_the_torch_path(batch, classes, dim, soft_targets, reduction, radial_weight,
+                                                       device):
+    fused, reference = fused_and_reference(classes, dim, device, soft_targets=soft_targets, reduction=reduction,
+                                           radial_weight=radial_weight)
+    fused.loss.rows_per_program = 64  # 300 rows: five programs, their partial gradients summed
+    x = torch.randn(batch, dim, device=device) * 2
+    assert_matches_reference(fused, reference, x, torch.randint(0, classes, (batch,), device=device))
+
+
+def test_fused_without_learned_gamma(device):
+    fused, reference = fused_and_reference(5, 6, device, learn_gamma=False)
+    x = torch.randn(20, 6, device=device)
+    assert_matches_reference(fused, reference, x, torch.randint(0, 5, (20,), device=device))
+    assert fused.loss.log_gamma.grad is None
+
+
+def test_fused_at_the_radial_clamp(device):
+    """x exactly on its centroid: r^2 = 0 is clamped, with zero radial gradient, as in the torch path."""
+    fused, reference = fused_and_reference(6, 9, device)
+    targets = torch.tensor([0, 3, 3, 5, 1], device=device)
+    x = fused.centred_centroids().detach()[targets]
+    x[-1] += torch.randn(9, device=device)  # one row off its centroid
+    assert_matches_reference(fused, reference, x, targets)
+
+
+def test_fused_reads_strided_embeddings(device):
+    fused, reference = fused_and_reference(7, 10, device)
+    x = torch.randn(40, 30, device=device)[:, 1::3]  # row stride 30, column stride 3
+    assert not x.is_contiguous()
+    assert_matches_reference(fused, reference, x, torch.randint(0, 7, (40,), device=device))
+    x = torch.randn(10, 40, device=device).t()  # column-major
+    assert_matches_reference(fused, reference, x, torch.randint(0, 7, (40,), device=device))
+
+
+def test_fused_loss_without_centring_and_with_logits(device):
+    """HALOLoss called directly (centroids as given), returning the logits too."""
+    halo = HALOLoss(4, 8, fused=True).to(device)
+    centroids = torch.randn(4, 8, device=device, requires_grad=True)
+    x = torch.randn(12, 8, device=device, requires_grad=True)
+    targets = torch.randint(0, 4, (12,), device=device)
+    loss, logits = halo(x, targets, centroids)
+    loss.backward()
+    halo.fused = False
+    expected = [t.detach().clone() for t in halo(x, targets, centroids)]
+    x.grad, centroids.grad, halo.log_gamma.grad = None, None, None
+    halo(x, targets, centroids)[0].backward()
+    torch.testing.assert_close(loss.detach(), expected[0])
+    torch.testing.assert_close(logits, expected[1])
+    for tensor in (x, centroids, halo.log_gamma):
+        assert tensor.grad is not None
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the fused kernel's launches."""
+    from rbf_lite.kernels import halo_head
+    calls = []
+    launch = halo_head.halo_loss_and_grads
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(halo_head, "halo_loss_and_grads", counted)
+    return calls
+
+
+def test_fused_path_is_taken_where_it_applies(fused_calls, device):
+    x, targets = torch.randn(8, 6, device=device), torch.randint(0, 4, (8,), device=device)
+    HALOHead(4, 6).to(device)(x, targets, return_logits=False)  # fp32 and Triton available: auto
+    assert len(fused_calls) == 1
+    HALOHead(4, 6, fused=False).to(device)(x, targets)
+    HALOHead(4, 6, reduction="none").to(device)(x, targets)
+    HALOLoss(4, 6).double().to(device)(x.double(), targets, torch.randn(4, 6, dtype=torch.float64, device=device))
+    assert len(fused_calls) == 1
+    with pytest.raises(RuntimeError, match="fused=True.*fp32"):
+        HALOLoss(4, 6, fused=True).double().to(device)(x.double(), targets,
+                                                         torch.randn(4, 6, dtype=torch.float64, device=device))
+    with pytest.raises(RuntimeError, match="reduction='none'"):
+        HALOHead(4, 6, fused=True, reduction="none").to(device)(x, targets)
+
+
+@pytest.mark.parametrize("rows_per_program", [64, 512])
+def test_fused_kernel_flags_out_of_range_targets(rows_per_program, device):
+    """What a CUDA caller asserts on (check_batch leaves CUDA targets to the kernel): nonzero iff
+    every target is valid, from one program or summed over several; bad targets are never read."""
+    from rbf_lite.kernels.halo_head import halo_loss_and_grads
+    x, centroids = torch.randn(150, 5, device=device), torch.randn(3, 5, device=device)
+    log_gamma = torch.zeros((), device=device)
+    for targets, valid in [(torch.randint(0, 3, (150,)), True), (torch.full((150,), 3), False),
+                           (torch.tensor([0] * 149 + [-1]), False)]:
+        targets = targets.to(device)
+        loss, grads, flag = halo_loss_and_grads(x, targets, centroids, log_gamma, eps=0.1, margin=1.0,
+                                                radial_weight=1.0, distill=True, centre=True, mean=True,
+                                                rows_per_program=rows_per_program)
+        assert bool(flag) is valid and torch.isfinite(loss) and torch.isfinite(grads).all()

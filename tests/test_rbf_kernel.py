@@ -143,6 +143,29 @@ def test_large_key_norms_stay_finite(dtype, causal, device):
 
 
 @needs_triton
+@pytest.mark.parametrize("causal", [True, False])
+def test_rows_far_from_every_key_take_the_online_pass(causal, device):
+    """The bounded one-pass forward (fp32, bf16) would leave a far row with only underflowed weights
+    exp(-c||q_i - k_j||^2); the kernel must notice and redo that block with the online softmax.
+
+    Every other row of the query block sits among the keys, every other one 15 units away from
+    all of them, so one block mixes rows the bounded pass handles with rows it cannot.
+    """
+    from rbf_lite.kernels.rbf_attention import _min_row_sum
+    d, n = 32, 48
+    k = torch.randn(1, 2, n, d, device=device)
+    v = torch.randn(1, 2, n, d, device=device)
+    q = torch.randn(1, 2, n, d, device=device)
+    q[:, :, 1::2] += 15 * torch.nn.functional.normalize(torch.randn(d, device=device), dim=0) * d ** 0.5
+    scale = 1 / math.sqrt(d)
+    visible = torch.ones(n, n, dtype=torch.bool, device=device).tril() if causal else None
+    weights = torch.exp(-scale * torch.cdist(q.double(), k.double()).square())
+    row_sums = (weights * visible if causal else weights).sum(-1)
+    assert row_sums.min() < _min_row_sum(n, torch.float32) / 2 ** 52, "premise: far rows underflow"
+    check_against_float64(q, k, v, causal)
+
+
+@needs_triton
 @pytest.mark.parametrize("n_q, n_k", [(1, 50), (7, 64), (40, 33)])
 def test_fewer_queries_than_keys(n_q, n_k, device):
     """Queries aligned with the last keys (decoding with a KV cache); non-causal with any lengths."""
@@ -167,6 +190,18 @@ def test_custom_scale(device):
 def test_bfloat16_on_gpu(causal, head_dim):
     q, k, v = (torch.randn(2, 4, 300, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     check_against_float64(q, k, v, causal)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled launcher runs on a GPU only")
+def test_compiled_launcher_matches_the_jit():
+    """After its first (JIT) call, CompiledLauncher launches the cached kernel itself. Other strides
+    and lengths (another specialisation) must get their own kernel, never the first one."""
+    from rbf_lite.kernels.rbf_attention import ROWDOT, rowdot
+    for shape in [(2, 3, 64, 64), (2, 3, 64, 64), (1, 2, 33, 32), (1, 2, 33, 32)]:
+        x = torch.randn(*shape, device="cuda")
+        y = torch.randn(shape[0], shape[1], shape[3] + 1, shape[2], device="cuda")[:, :, :-1].transpose(-1, -2)
+        torch.testing.assert_close(rowdot(x, y), (x * y).sum(-1), rtol=1e-5, atol=1e-5)
+    assert len(ROWDOT.compiled) >= 2
 
 
 @needs_triton

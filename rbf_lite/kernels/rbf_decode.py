@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rbf_attention import LOG2E, _device_of, _dot_precision, _fwd_inner, rowdot
+from .rbf_attention import LOG2E, CompiledLauncher, _device_of, _dot_precision, _fwd_inner, rowdot
 
 MAX_DECODE_QUERIES = 64  # beyond this the attention kernel's own query blocks parallelise well
 KEYS_PER_CHUNK_MIN = 256
@@ -52,10 +52,10 @@ def _decode_partial_kernel(q, k, v, kn, part_out, part_lse,
     kn_base = kn + b * snb + h * snh
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_base, v_base, kn_base, skn, skd, svn, svd,
                                offs_m, start, split, causal_offset, N_K, qk_scale, kn_scale,
-                               BLOCK_N, HEAD_DIM, False, True, DOT_PRECISION, True)
+                               BLOCK_N, HEAD_DIM, False, True, DOT_PRECISION, True, True)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_base, v_base, kn_base, skn, skd, svn, svd,
                                offs_m, split, end, causal_offset, N_K, qk_scale, kn_scale,
-                               BLOCK_N, HEAD_DIM, True, True, DOT_PRECISION, True)
+                               BLOCK_N, HEAD_DIM, True, True, DOT_PRECISION, True, True)
     seen = l_i > 0  # a query may see no key of this chunk: it contributes nothing
     out = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
     lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
@@ -82,6 +82,10 @@ def _decode_combine_kernel(part_out, part_lse, out, N_CHUNKS, N_Q, H, sob, soh, 
     tl.store(out + b * sob + h * soh + row * son + offs_d * sod, result.to(out.dtype.element_ty))
 
 
+DECODE_PARTIAL = CompiledLauncher(_decode_partial_kernel)
+DECODE_COMBINE = CompiledLauncher(_decode_combine_kernel)
+
+
 def default_chunks(batch_heads: int, n_keys: int, device: torch.device) -> int:
     """Enough chunks for about two programs per multiprocessor, none shorter than 256 keys."""
     processors = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
@@ -102,11 +106,11 @@ def rbf_decode_triton(q, k, v, key_sqnorms, scale: float, num_chunks: int | None
     part_lse = torch.empty((B, H, chunks, N), device=q.device, dtype=torch.float32)
     with _device_of(q):
         kn = rowdot(k, k) if key_sqnorms is None else key_sqnorms
-        _decode_partial_kernel[(chunks, B * H)](
-            q, k, v, kn, part_out, part_lse, *q.stride(), *k.stride(), *v.stride(), kn.stride(0), kn.stride(1),
-            H, N, M, chunk, 2.0 * scale * LOG2E, scale * LOG2E,
-            HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
-            num_warps=4, num_stages=2)
-        _decode_combine_kernel[(N, B * H)](part_out, part_lse, out, chunks, N, H, *out.stride(),
-                                           HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(chunks))
+        DECODE_PARTIAL((chunks, B * H),
+                       (q, k, v, kn, part_out, part_lse, *q.stride(), *k.stride(), *v.stride(), kn.stride(0),
+                        kn.stride(1), H, N, M, chunk, 2.0 * scale * LOG2E, scale * LOG2E),
+                       {"HEAD_DIM": D, "DOT_PRECISION": _dot_precision(q.dtype), "BLOCK_M": block_m, "BLOCK_N": block_n},
+                       num_warps=4, num_stages=2)
+        DECODE_COMBINE((N, B * H), (part_out, part_lse, out, chunks, N, H, *out.stride()),
+                       {"HEAD_DIM": D, "BLOCK_S": triton.next_power_of_2(chunks)})
     return out
