@@ -5,8 +5,8 @@ row-constant -c||q_i||^2, which softmax ignores. The kernels work in base 2: the
 multiplied by log2(e) in fp32 (after the dot product, so q and k are never rounded again), the
 softmax uses exp2, and the saved log-sum-exp is in base 2 too.
 
-Forward, per block of queries: load q once, stream key/value tiles through on-chip memory, add up
-the weights and the weighted values as they come, never form the N x M score matrix. Key norms ||k_j||^2 are
+Forward, per block of queries: load q once, stream key/value tiles through on-chip memory, keep
+a running max and sum (online softmax), never form the N x M score matrix. Key norms ||k_j||^2 are
 computed once per key by a small pre-pass, not once per tile. With causal masking the key loop is
 split in two stages: blocks entirely below the diagonal run without any mask, and only the blocks
 that straddle the diagonal (or the ragged end of the sequence) pay for it.
@@ -21,18 +21,6 @@ one block of queries (looping over keys), so nothing is accumulated atomically.
 Without normalisation (normalize=False) the same kernels compute out_i = sum_j exp(-c||q_i - k_j||^2) v_j:
 each weight is at most 1 and the row's offset is c||q_i||^2 instead of the log-sum-exp. Delta is
 then 0, and dq_i gains the term -2c q_i sum_j dS_ij that softmax's zero-sum dS cancels.
-
-No running max. Online softmax tracks each row's maximum score so that exp never overflows, and
-rescales its sum and accumulator whenever the maximum grows. RBF scores need neither: a score is
-s_ij = c||q_i||^2 - c||q_i - k_j||^2 <= c||q_i||^2, so with that bound as the offset every weight
-exp(s_ij - c||q_i||^2) = exp(-c||q_i - k_j||^2) lies in (0, 1] and one pass adds them up as they
-come: per score, one max and its cross-thread reduction fewer, and no rescaling of the accumulator.
-The price is underflow when every key is far from q_i: the weights then fall below the smallest
-normal number and lose their precision. The kernel checks each block's smallest row sum and redoes
-that block with the online softmax when it is below a safe floor (`_min_row_sum`), so no row is
-computed from underflowed weights. With bf16 and fp32 (8 exponent bits) only a row whose nearest key
-has c||q_i - k_j||^2 > ~70 falls below it. fp16's smallest normal number is 6e-5, which plain
-Gaussian inputs at D = 128 already fall below: fp16 keeps the online softmax throughout.
 
 Causal masking with N queries and M keys aligns the queries with the *last* N keys: query i sees
 keys j <= i + (M - N), as when decoding against a KV cache.
@@ -214,13 +202,11 @@ def _key_stages(start_m, N_K, causal_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kn_base, stride_kn, stride_kd, stride_vn, stride_vd,
                offs_m, lo, hi, causal_offset, N_K, qk_scale, kn_scale,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, ONLINE: tl.constexpr, SUM_WEIGHTS: tl.constexpr):
+               DOT_PRECISION: tl.constexpr, NORMALIZED: tl.constexpr):
     """Accumulate over key blocks [lo, hi); MASKED blocks check bounds and causality.
 
-    ONLINE: the usual online softmax (running max m_i, rescaled sum l_i and accumulator). Otherwise
-    m_i is a fixed offset per row, at least the row's largest score (see `_fwd_kernel`): the
-    weights exp2(s - m_i) are used as they are, with no max to track and nothing to rescale, and
-    SUM_WEIGHTS adds them up into l_i.
+    NORMALIZED: online softmax (running max m_i and sum l_i). Otherwise m_i is the row's own
+    c||q_i||^2 (base 2), s - m_i is the true score -c||q_i - k_j||^2 <= 0, and its exp is summed as is.
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -245,7 +231,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kn_base, stride_kn, stride_kd, 
             v = tl.load(v_ptrs, mask=in_bounds[:, None], other=0.0)
         else:
             v = tl.load(v_ptrs)
-        if ONLINE:
+        if NORMALIZED:
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # A row that has seen no visible key yet (possible in a decode chunk) keeps m = -inf:
             # subtract 0 instead, so that its exp2(-inf) terms are 0 and not NaN.
@@ -257,36 +243,16 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kn_base, stride_kn, stride_kd, 
             m_i = m_new
         else:
             p = tl.exp2(s - m_i[:, None])
-            if SUM_WEIGHTS:
-                l_i += tl.sum(p, 1)
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-    return acc, l_i, m_i
-
-
-@triton.jit
-def _fwd_stages(acc, l_i, m_i, q_tile, k_base, v_base, kn_base, skn, skd, svn, svd, offs_m, start_m,
-                N_K, causal_offset, qk_scale, kn_scale,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, ONLINE: tl.constexpr, SUM_WEIGHTS: tl.constexpr):
-    """All the keys of one query block: the unmasked stage, then the masked one."""
-    lo, hi = _key_stages(start_m, N_K, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_base, v_base, kn_base, skn, skd, svn, svd,
-                               offs_m, 0, lo, causal_offset, N_K, qk_scale, kn_scale,
-                               BLOCK_N, HEAD_DIM, False, CAUSAL, DOT_PRECISION, ONLINE, SUM_WEIGHTS)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_base, v_base, kn_base, skn, skd, svn, svd,
-                               offs_m, lo, hi, causal_offset, N_K, qk_scale, kn_scale,
-                               BLOCK_N, HEAD_DIM, True, CAUSAL, DOT_PRECISION, ONLINE, SUM_WEIGHTS)
     return acc, l_i, m_i
 
 
 @triton.jit
 def _fwd_kernel(q, k, v, kn, out, lse,
                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
-                H, N_Q, N_K, qk_scale, kn_scale, min_row_sum,
+                H, N_Q, N_K, qk_scale, kn_scale,
                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                NORMALIZED: tl.constexpr, BOUNDED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """BOUNDED (softmax only): one pass with the fixed offset c||q_i||^2, then, for the rare block
-    where some row's weights summed to less than min_row_sum, a second pass with the online softmax."""
+                NORMALIZED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     if CAUSAL:
         # The last query blocks have the most keys to visit: start them first so that the short
@@ -302,34 +268,24 @@ def _fwd_kernel(q, k, v, kn, out, lse,
     k_base = k + b * skb + h * skh
     v_base = v + b * svb + h * svh
     kn_base = kn + bh.to(tl.int64) * N_K
-    causal_offset = N_K - N_Q
 
-    # Every score of row i is at most c||q_i||^2 (base 2): s_ij + c||q_i - k_j||^2 = c||q_i||^2.
-    bound = tl.sum(q_tile.to(tl.float32) * q_tile.to(tl.float32), 1) * kn_scale
-    m_i = bound
+    if NORMALIZED:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    else:
+        m_i = tl.sum(q_tile.to(tl.float32) * q_tile.to(tl.float32), 1) * kn_scale
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    causal_offset = N_K - N_Q
+    lo, hi = _key_stages(start_m, N_K, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_base, v_base, kn_base, skn, skd, svn, svd,
+                               offs_m, 0, lo, causal_offset, N_K, qk_scale, kn_scale,
+                               BLOCK_N, HEAD_DIM, False, CAUSAL, DOT_PRECISION, NORMALIZED)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_base, v_base, kn_base, skn, skd, svn, svd,
+                               offs_m, lo, hi, causal_offset, N_K, qk_scale, kn_scale,
+                               BLOCK_N, HEAD_DIM, True, CAUSAL, DOT_PRECISION, NORMALIZED)
     if NORMALIZED:
-        redo = True
-        if BOUNDED:
-            acc, l_i, m_i = _fwd_stages(acc, l_i, m_i, q_tile, k_base, v_base, kn_base, skn, skd, svn, svd,
-                                        offs_m, start_m, N_K, causal_offset, qk_scale, kn_scale,
-                                        BLOCK_M, BLOCK_N, HEAD_DIM, CAUSAL, DOT_PRECISION, False, True)
-            redo = tl.min(tl.where(row_ok, l_i, float("inf")), 0) < min_row_sum
-        if redo:
-            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-            acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-            acc, l_i, m_i = _fwd_stages(acc, l_i, m_i, q_tile, k_base, v_base, kn_base, skn, skd, svn, svd,
-                                        offs_m, start_m, N_K, causal_offset, qk_scale, kn_scale,
-                                        BLOCK_M, BLOCK_N, HEAD_DIM, CAUSAL, DOT_PRECISION, True, True)
         acc = acc / l_i[:, None]
         m_i = m_i + tl.log2(l_i)
-    else:
-        # Without normalisation the offset is the bound itself: s - m_i is the true score <= 0.
-        acc, l_i, m_i = _fwd_stages(acc, l_i, m_i, q_tile, k_base, v_base, kn_base, skn, skd, svn, svd,
-                                    offs_m, start_m, N_K, causal_offset, qk_scale, kn_scale,
-                                    BLOCK_M, BLOCK_N, HEAD_DIM, CAUSAL, DOT_PRECISION, False, False)
     # What the backward subtracts from a base-2 score to get log2 P: the log-sum-exp, or c||q_i||^2.
     tl.store(lse + bh.to(tl.int64) * N_Q + offs_m, m_i, mask=row_ok)
     tl.store(out + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
@@ -519,12 +475,6 @@ def _tuning_key(q, k, causal, normalize):
     return (_bucket(q.shape[2]), _bucket(k.shape[2]), q.shape[3], causal, normalize, q.dtype, q.device)
 
 
-def _min_row_sum(n_keys: int, dtype: torch.dtype) -> float:
-    """Smallest safe row sum for the bounded pass: below it, the flushed and subnormal weights
-    (each off by at most the dtype's smallest normal number) could add up to more than 2^-12 of it."""
-    return n_keys * torch.finfo(dtype).tiny * 2.0 ** 12
-
-
 def _forward(q, k, v, causal: bool, scale: float, normalize: bool):
     """Output; per row the base-2 log-sum-exp (or c||q_i||^2 without normalisation); ||k_j||^2."""
     B, H, N, D = q.shape
@@ -535,9 +485,8 @@ def _forward(q, k, v, causal: bool, scale: float, normalize: bool):
         kn = rowdot(k, k)
         FWD_TUNER.launch(_tuning_key(q, k, causal, normalize), q.dtype, lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H),
                          q, k, v, kn, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-                         H, N, M, 2.0 * scale * LOG2E, scale * LOG2E, _min_row_sum(M, q.dtype),
-                         HEAD_DIM=D, CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype), NORMALIZED=normalize,
-                         BOUNDED=q.dtype != torch.float16)
+                         H, N, M, 2.0 * scale * LOG2E, scale * LOG2E,
+                         HEAD_DIM=D, CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype), NORMALIZED=normalize)
     return out, lse, kn
 
 
