@@ -176,7 +176,10 @@ class Trainer:
         if halo:  # HALO's centroids and gamma: no decay, their own learning rate
             groups.append({"params": [p for _, p in named if id(p) in halo], "weight_decay": 0.0,
                            "lr": cfg.lr * cfg.head_lr})
-        self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+        # fused: one kernel per parameter group instead of a few foreach launches and their Python
+        # (the step is host-bound, and HALO's head adds a group).
+        self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
+                                         fused=True if self.on_gpu else None)
         self.steps_per_epoch = math.ceil(len(self.train_set) / cfg.batch_size)
         total = self.steps_per_epoch * cfg.epochs
         if cfg.schedule == "onecycle":
