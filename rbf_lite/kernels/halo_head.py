@@ -35,12 +35,12 @@ read out of bounds.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
+
+from .rbf_attention import CompiledLauncher, _device_of
 
 # The centroid tile (and its gradient) lives in registers: above this it would spill, and the
 # problem is large enough for the torch path not to be launch-bound.
@@ -161,6 +161,9 @@ def _halo_kernel(x_ptr, y_ptr, c_ptr, log_gamma_ptr, dx_ptr, part_ptr,
         tl.store(part + K * D + 2, bad)
 
 
+HALO_KERNEL = CompiledLauncher(_halo_kernel)  # the step is launch-bound: skip the JIT's binding
+
+
 def halo_loss_and_grads(embeddings: torch.Tensor, targets: torch.Tensor, centroids: torch.Tensor,
                         log_gamma: torch.Tensor, eps: float, margin: float, radial_weight: float,
                         distill: bool, centre: bool, mean: bool, rows_per_program: int = 512,
@@ -179,14 +182,14 @@ def halo_loss_and_grads(embeddings: torch.Tensor, targets: torch.Tensor, centroi
     flat = embeddings.new_empty(B * D + K * D + 3)
     partials = flat[B * D:] if programs == 1 else embeddings.new_empty(programs, K * D + 3)
     k_pad, d_pad = _padded(K), _padded(D)
-    with torch.cuda.device(embeddings.device) if embeddings.is_cuda else contextlib.nullcontext():
-        _halo_kernel[(programs,)](
-            embeddings, targets, centroids, log_gamma, flat, partials,
-            B, K, D, *embeddings.stride(), targets.stride(0), *centroids.stride(), K * D + 3,
-            1.0 / B if mean else 1.0, float(eps), float(margin), float(radial_weight),
-            K_PAD=k_pad, D_PAD=d_pad, ROWS=rows_per_program, BLOCK=block,
-            CENTRE=centre, DISTILL=distill, SINGLE=programs == 1,
-            num_warps=4 if k_pad * d_pad <= 64 * 64 else 8)
+    with _device_of(embeddings):
+        HALO_KERNEL((programs,),
+                    (embeddings, targets, centroids, log_gamma, flat, partials,
+                     B, K, D, *embeddings.stride(), targets.stride(0), *centroids.stride(), K * D + 3,
+                     1.0 / B if mean else 1.0, float(eps), float(margin), float(radial_weight)),
+                    {"K_PAD": k_pad, "D_PAD": d_pad, "ROWS": rows_per_program, "BLOCK": block,
+                     "CENTRE": centre, "DISTILL": distill, "SINGLE": programs == 1},
+                    num_warps=4 if k_pad * d_pad <= 64 * 64 else 8)
     if programs > 1:
         torch.sum(partials, dim=0, out=flat[B * D:])
     valid = flat[-1] if programs == 1 else flat[-1] == 0
