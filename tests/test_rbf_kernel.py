@@ -99,6 +99,109 @@ def test_non_unit_last_stride(device):
     check_against_float64(q, k, v, causal=True)
 
 
+@needs_triton
+@pytest.mark.parametrize("long", [False, True])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("n_q, n_k", [(1, 1), (33, 33), (20, 90)])
+def test_short_and_long_sequence_paths(n_q, n_k, causal, normalize, long, device, monkeypatch):
+    """Short sequences compute key norms and Delta inside the kernels (a pre-pass would cost a launch),
+    long ones in pre-passes; the threshold is lowered here so that small inputs take the long path.
+    The forward's key norms, saved for the backward, are checked directly too."""
+    from rbf_lite.kernels import rbf_attention as kernel
+    monkeypatch.setattr(kernel, "LONG_KEYS", 16 if long else 10 ** 9)
+    q = 0.5 * torch.randn(2, 3, n_q, 32, device=device)
+    k, v = (0.5 * torch.randn(2, 3, n_k, 32, device=device) for _ in range(2))
+    check_against_float64(q, k, v, causal, normalize=normalize)
+    _, _, key_norms = kernel._forward(q, k, v, causal, 0.2, normalize)
+    torch.testing.assert_close(key_norms, k.square().sum(-1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def tma_descriptors(monkeypatch):
+    """Force the TMA path (the interpreter runs it too) and record each descriptor's tile rows."""
+    from rbf_lite.kernels import rbf_attention as kernel
+    monkeypatch.setattr(kernel, "TMA", "1")
+    rows = []
+    make = kernel._descriptor
+    monkeypatch.setattr(kernel, "_descriptor", lambda t, n: rows.append(n) or make(t, n))
+    return rows
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("head_dim", [16, 64])
+@pytest.mark.parametrize("n_q, n_k", [(1, 1), (17, 17), (100, 100), (40, 71)])
+def test_tma_path_matches_float64_reference(n_q, n_k, head_dim, causal, dtype, device, tma_descriptors):
+    """The inner loops' tiles come through tensor descriptors, which zero-fill past each head's end."""
+    q = torch.randn(2, 2, n_q, head_dim, device=device, dtype=dtype)
+    k, v = (torch.randn(2, 2, n_k, head_dim, device=device, dtype=dtype) for _ in range(2))
+    check_against_float64(q, k, v, causal)
+    assert len(tma_descriptors) == 6, "forward (k, v) and backward (q, k, v, dout) should each use TMA"
+
+
+@needs_triton
+@pytest.mark.parametrize("causal", [True, False])
+def test_tma_path_reads_heads_interleaved_in_memory(causal, device, tma_descriptors):
+    """(B, N, H, D) activations viewed as (B, H, N, D): a descriptor takes any 16-byte strides."""
+    q, k, v = (torch.randn(2, 45, 3, 32, device=device).transpose(1, 2) for _ in range(3))
+    check_against_float64(q, k, v, causal)
+    assert tma_descriptors, "these strides suit TMA: the descriptors should have been used"
+
+
+@needs_triton
+def test_tma_path_falls_back_to_pointers(device, tma_descriptors):
+    """Layouts TMA can't address (D not the unit-stride axis, strides off 16 bytes) use pointers."""
+    q, k, v = (torch.randn(1, 2, 32, 33, device=device).transpose(-1, -2) for _ in range(3))
+    check_against_float64(q, k, v, causal=True)
+    q, k, v = (torch.randn(1, 2, 20, 17, device=device)[..., :16] for _ in range(3))  # rows 68 bytes apart
+    check_against_float64(q, k, v, causal=False)
+    assert tma_descriptors == []
+
+
+@needs_triton
+@pytest.mark.parametrize("tma", ["0", "1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("n_q, n_k", [(1, 1), (17, 17), (100, 100), (40, 71)])
+def test_atomic_dq_matches_float64_reference(n_q, n_k, causal, dtype, tma, device, monkeypatch):
+    """dq accumulated by atomic adds from the key blocks' loop (long sequences) instead of its own loop."""
+    from rbf_lite.kernels import rbf_attention as kernel
+    monkeypatch.setattr(kernel, "ATOMIC_DQ", "1")
+    monkeypatch.setattr(kernel, "TMA", tma)
+    assert kernel._atomic_dq(n_k, 32, normalize=True)
+    q = torch.randn(2, 2, n_q, 32, device=device, dtype=dtype)
+    k, v = (torch.randn(2, 2, n_k, 32, device=device, dtype=dtype) for _ in range(2))
+    check_against_float64(q, k, v, causal)
+
+
+def test_atomic_dq_only_where_it_pays(monkeypatch):
+    """Short sequences keep the single launch; D = 128 (slower with it), the non-softmax variant and
+    deterministic mode keep the second loop (atomic adds land in any order)."""
+    from rbf_lite.kernels import rbf_attention as kernel
+    monkeypatch.setattr(kernel, "ATOMIC_DQ", "auto")
+    long = kernel.LONG_KEYS
+    assert kernel._atomic_dq(long, 64, normalize=True)
+    assert not kernel._atomic_dq(long - 1, 64, normalize=True)
+    assert not kernel._atomic_dq(long, 128, normalize=True)
+    assert not kernel._atomic_dq(long, 64, normalize=False)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert not kernel._atomic_dq(long, 64, normalize=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="autotuning times configurations on a GPU")
+def test_atomic_dq_survives_autotuning(monkeypatch):
+    """Tuning runs the kernel once per candidate; the atomically summed dq must be cleared after it."""
+    from rbf_lite.kernels import rbf_attention as kernel
+    tuner = kernel.Tuner(kernel._bwd_kernel, kernel.TUNED_BWD_CONFIGS[-2:], kernel._fits_bwd)
+    monkeypatch.setattr(kernel, "BWD_TUNER", tuner)
+    monkeypatch.setattr(kernel, "ATOMIC_DQ", "1")
+    q, k, v = (torch.randn(1, 2, 200, 64, device="cuda", dtype=torch.float16) for _ in range(3))
+    check_against_float64(q, k, v, causal=True)
+    assert tuner.chosen, "the backward should have been tuned in this test"
+
+
 def rounding_scales(q, k, v, dout, causal):
     """The size each result's error reaches when every P_ij carries a relative error of 1.
 
@@ -178,9 +281,12 @@ def test_custom_scale(device):
 @pytest.mark.skipif(not torch.cuda.is_available() or not triton_available(),
                     reason="bf16 runs on the GPU only: the Triton interpreter's tl.dot multiplies raw bf16 "
                            "bit patterns (triton-lang/triton#11584, 'not supported yet')")
+@pytest.mark.parametrize("tma", ["0", "1"])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_bfloat16_on_gpu(causal, head_dim):
+def test_bfloat16_on_gpu(causal, head_dim, tma, monkeypatch):
+    from rbf_lite.kernels import rbf_attention as kernel
+    monkeypatch.setattr(kernel, "TMA", tma)
     q, k, v = (torch.randn(2, 4, 300, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     check_against_float64(q, k, v, causal)
 

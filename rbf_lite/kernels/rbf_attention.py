@@ -7,16 +7,20 @@ softmax uses exp2, and the saved log-sum-exp is in base 2 too.
 
 Forward, per block of queries: load q once, stream key/value tiles through on-chip memory, keep
 a running max and sum (online softmax), never form the N x M score matrix. Key norms ||k_j||^2 are
-computed once per key by a small pre-pass, not once per tile. With causal masking the key loop is
-split in two stages: blocks entirely below the diagonal run without any mask, and only the blocks
-that straddle the diagonal (or the ragged end of the sequence) pay for it.
+computed once per key by a small pre-pass, not once per tile (for short sequences, where the
+pre-pass would cost a launch, the kernel computes them from its key tiles instead). With causal
+masking the key loop is split in two stages: blocks entirely below the diagonal run without any
+mask, and only the blocks that straddle the diagonal (or the ragged end of the sequence) pay for it.
+On Hopper, long sequences read the inner loops' tiles through TMA tensor descriptors.
 
 Backward, with P = softmax, dP = dO V^T, Delta_i = dO_i . O_i and dS = P (dP - Delta):
     dq_i = 2c sum_j dS_ij k_j
     dk_j = 2c (sum_i dS_ij q_i - k_j sum_i dS_ij)     (the second term comes from -||k_j||^2)
     dv_j = sum_i P_ij dO_i
 One launch: each program computes dk, dv for one block of keys (looping over queries) and dq for
-one block of queries (looping over keys), so nothing is accumulated atomically.
+one block of queries (looping over keys), so nothing is accumulated atomically. For long sequences
+at D <= 64, dq is instead added atomically from the key blocks' loop, which computes P and dS once
+instead of twice (5 matrix products instead of 7); see _atomic_dq.
 
 Without normalisation (normalize=False) the same kernels compute out_i = sum_j exp(-c||q_i - k_j||^2) v_j:
 each weight is at most 1 and the row's offset is c||q_i||^2 instead of the log-sum-exp. Delta is
@@ -35,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources, PTXASError
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 LOG2E = 1.4426950408889634
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -97,6 +102,7 @@ class CompiledLauncher:
     def _specialisation(args) -> tuple:
         return tuple([(a.data_ptr() & 15, a.dtype) if isinstance(a, torch.Tensor)
                       else (a if a <= 1 or a >= 2 ** 31 else 16 + (a & 15)) if isinstance(a, int)
+                      else (a.base.dtype, tuple(a.block_shape)) if isinstance(a, TensorDescriptor)
                       else type(a) for a in args])
 
     def __call__(self, grid: tuple, args: tuple, constexprs: dict, num_warps: int = 4, num_stages: int = 3) -> None:
@@ -125,14 +131,19 @@ class Tuner:
         self.launcher, self.configs, self.fits = CompiledLauncher(kernel), configs, fits
         self.chosen: dict[tuple, triton.Config] = {}
 
-    def launch(self, key: tuple, dtype: torch.dtype, grid, *args, **constexprs) -> None:
+    def launch(self, key: tuple, dtype: torch.dtype, grid, args, reset=None, **constexprs) -> None:
+        """grid and args are functions of the configuration's block sizes (TMA descriptors depend on them).
+        A kernel that accumulates into its outputs passes `reset`, which clears them after tuning."""
         config = self.chosen.get(key)
         if config is None:
             config = self.chosen[key] = self._choose(dtype, grid, args, constexprs)
+            if reset is not None:
+                reset()
         self._run(config, grid, args, constexprs)
 
     def _run(self, config, grid, args, constexprs):
-        self.launcher(grid(config.kwargs), args, constexprs | config.kwargs, config.num_warps, config.num_stages)
+        meta = config.kwargs
+        self.launcher(grid(meta), args(meta), constexprs | meta, config.num_warps, config.num_stages)
 
     def _choose(self, dtype, grid, args, constexprs) -> triton.Config:
         candidates = [c for c in self.configs if self.fits(c, dtype)] or self.configs[-1:]
@@ -140,7 +151,7 @@ class Tuner:
             return candidates[0]
         from triton.testing import do_bench
         times = {}
-        for config in candidates:  # every kernel here writes its outputs whole: re-running is safe
+        for config in candidates:  # re-running writes the outputs again, or adds to what launch() resets
             try:
                 times[config] = do_bench(lambda: self._run(config, grid, args, constexprs), warmup=5, rep=25)
             except (OutOfResources, PTXASError):  # too large for this GPU: not a candidate
@@ -182,6 +193,28 @@ def rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def _rows(src, b, h, start, n_rows, stride_n, stride_d,
+          BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr):
+    """Rows [start, start + BLOCK) of one head's (N, D) matrix, rows from n_rows on read as 0.
+
+    TMA: `src` is a (B, H, N, D) tensor descriptor; the copy engine fetches the tile and zero-fills
+    past the end itself, with no address arithmetic or mask on the threads. The inner loops load
+    through it; tiles loaded once per program use pointers. Otherwise `src` points at the head's
+    first row, and MASKED loads check the bound.
+    """
+    if TMA:
+        tile = src.load([b, h, start, 0]).reshape(BLOCK, HEAD_DIM)
+    else:
+        rows = start + tl.arange(0, BLOCK)
+        ptrs = src + rows[:, None] * stride_n + tl.arange(0, HEAD_DIM)[None, :] * stride_d
+        if MASKED:
+            tile = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+        else:
+            tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
 def _key_stages(start_m, N_K, causal_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
     """Split the keys a query block visits: [0, lo) needs no mask, [lo, hi) does.
 
@@ -199,38 +232,37 @@ def _key_stages(start_m, N_K, causal_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kn_base, stride_kn, stride_kd, stride_vn, stride_vd,
-               offs_m, lo, hi, causal_offset, N_K, qk_scale, kn_scale,
+def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, kn_base, store_norms, b, h, stride_kn, stride_kd, stride_vn,
+               stride_vd, offs_m, lo, hi, causal_offset, N_K, qk_scale, kn_scale,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, NORMALIZED: tl.constexpr):
+               DOT_PRECISION: tl.constexpr, NORMALIZED: tl.constexpr, TMA: tl.constexpr, INLINE_NORMS: tl.constexpr):
     """Accumulate over key blocks [lo, hi); MASKED blocks check bounds and causality.
 
     NORMALIZED: online softmax (running max m_i and sum l_i). Otherwise m_i is the row's own
     c||q_i||^2 (base 2), s - m_i is the true score -c||q_i - k_j||^2 <= 0, and its exp is summed as is.
+    Key norms are read from kn_base, or with INLINE_NORMS computed from each key tile (and written
+    to kn_base where store_norms is true).
     """
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        kt_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd
-        v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd
-        if MASKED:
-            in_bounds = cols < N_K
-            kt = tl.load(kt_ptrs, mask=in_bounds[None, :], other=0.0)
+        in_bounds = cols < N_K
+        k_tile = _rows(k_src, b, h, start_n, N_K, stride_kn, stride_kd, BLOCK_N, HEAD_DIM, MASKED, TMA)
+        if INLINE_NORMS:
+            kn = tl.sum(k_tile.to(tl.float32) * k_tile.to(tl.float32), 1)
+            if store_norms:
+                tl.store(kn_base + cols, kn, mask=in_bounds)
+        elif MASKED:
             kn = tl.load(kn_base + cols, mask=in_bounds, other=0.0)
         else:
-            kt = tl.load(kt_ptrs)
             kn = tl.load(kn_base + cols)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale - kn[None, :] * kn_scale
+        s = tl.dot(q, tl.trans(k_tile), input_precision=DOT_PRECISION) * qk_scale - kn[None, :] * kn_scale
         if MASKED:
             visible = in_bounds[None, :]
             if CAUSAL:
                 visible = visible & (offs_m[:, None] + causal_offset >= cols[None, :])
             s = tl.where(visible, s, float("-inf"))
-        if MASKED:
-            v = tl.load(v_ptrs, mask=in_bounds[:, None], other=0.0)
-        else:
-            v = tl.load(v_ptrs)
+        v = _rows(v_src, b, h, start_n, N_K, stride_vn, stride_vd, BLOCK_N, HEAD_DIM, MASKED, TMA)
         if NORMALIZED:
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # A row that has seen no visible key yet (possible in a decode chunk) keeps m = -inf:
@@ -252,21 +284,27 @@ def _fwd_kernel(q, k, v, kn, out, lse,
                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
                 H, N_Q, N_K, qk_scale, kn_scale,
                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                NORMALIZED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                NORMALIZED: tl.constexpr, TMA: tl.constexpr, INLINE_NORMS: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """k and v are (B, H, N, D) tensor descriptors under TMA, pointers otherwise.
+
+    INLINE_NORMS (short sequences, where a separate pre-pass costs a launch): every program computes
+    the norms of the keys it visits, and the last query block, which visits them all, writes kn.
+    """
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     if CAUSAL:
         # The last query blocks have the most keys to visit: start them first so that the short
         # ones fill the tail of the schedule instead of leaving a few long ones running alone.
         pid_m = tl.num_programs(0) - 1 - pid_m
-    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    b, h = bh // H, bh % H
+    b64, h64 = b.to(tl.int64), h.to(tl.int64)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < N_Q
-    q_tile = tl.load(q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
-                     mask=row_ok[:, None], other=0.0)
-    k_base = k + b * skb + h * skh
-    v_base = v + b * svb + h * svh
+    if TMA:
+        k_src, v_src = k, v
+    else:
+        k_src, v_src = k + b64 * skb + h64 * skh, v + b64 * svb + h64 * svh
+    q_tile = _rows(q + b64 * sqb + h64 * sqh, b, h, start_m, N_Q, sqn, sqd, BLOCK_M, HEAD_DIM, True, False)
     kn_base = kn + bh.to(tl.int64) * N_K
 
     if NORMALIZED:
@@ -277,44 +315,67 @@ def _fwd_kernel(q, k, v, kn, out, lse,
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     causal_offset = N_K - N_Q
     lo, hi = _key_stages(start_m, N_K, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_base, v_base, kn_base, skn, skd, svn, svd,
+    store_norms = start_m + BLOCK_M >= N_Q
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_src, v_src, kn_base, store_norms, b, h, skn, skd, svn, svd,
                                offs_m, 0, lo, causal_offset, N_K, qk_scale, kn_scale,
-                               BLOCK_N, HEAD_DIM, False, CAUSAL, DOT_PRECISION, NORMALIZED)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_base, v_base, kn_base, skn, skd, svn, svd,
+                               BLOCK_N, HEAD_DIM, False, CAUSAL, DOT_PRECISION, NORMALIZED, TMA, INLINE_NORMS)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_src, v_src, kn_base, store_norms, b, h, skn, skd, svn, svd,
                                offs_m, lo, hi, causal_offset, N_K, qk_scale, kn_scale,
-                               BLOCK_N, HEAD_DIM, True, CAUSAL, DOT_PRECISION, NORMALIZED)
+                               BLOCK_N, HEAD_DIM, True, CAUSAL, DOT_PRECISION, NORMALIZED, TMA, INLINE_NORMS)
     if NORMALIZED:
         acc = acc / l_i[:, None]
         m_i = m_i + tl.log2(l_i)
     # What the backward subtracts from a base-2 score to get log2 P: the log-sum-exp, or c||q_i||^2.
+    row_ok = offs_m < N_Q
     tl.store(lse + bh.to(tl.int64) * N_Q + offs_m, m_i, mask=row_ok)
-    tl.store(out + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
+    tl.store(out + b64 * sob + h64 * soh + offs_m[:, None] * son + tl.arange(0, HEAD_DIM)[None, :] * sod,
              acc.to(out.dtype.element_ty), mask=row_ok[:, None])
 
 
+DELTA_ZERO, DELTA_LOAD, DELTA_INLINE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+
+
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, dsum, k_tile, v_tile, kn, q_base, do_base, lse_base, delta_base,
-                    sqn, sqd, sdon, sdod, offs_n, lo, hi, causal_offset, N_Q, qk_scale, kn_scale,
-                    BLOCK_M1: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
-                    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Accumulate dk (before its key-norm correction), dv and sum_i dS_ij over query blocks [lo, hi)."""
+def _delta(do_tile, o_base, delta_base, b, h, start, n_rows, son, sod,
+           BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, DELTA: tl.constexpr):
+    """Delta_i = dO_i . O_i for rows [start, start + BLOCK): 0 without softmax (DELTA_ZERO), read
+    from the pre-pass's buffer (DELTA_LOAD), or computed here from the output tile (DELTA_INLINE,
+    short sequences, where the pre-pass costs a launch)."""
+    rows = start + tl.arange(0, BLOCK)
+    if DELTA == DELTA_ZERO:
+        delta_i = tl.zeros([BLOCK], dtype=tl.float32)
+    elif DELTA == DELTA_LOAD:
+        if MASKED:
+            delta_i = tl.load(delta_base + rows, mask=rows < n_rows, other=0.0)
+        else:
+            delta_i = tl.load(delta_base + rows)
+    else:
+        o_tile = _rows(o_base, b, h, start, n_rows, son, sod, BLOCK, HEAD_DIM, MASKED, False)
+        delta_i = tl.sum(do_tile.to(tl.float32) * o_tile.to(tl.float32), 1)
+    return delta_i
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, dsum, k_tile, v_tile, kn, q_src, do_src, o_base, lse_base, delta_base, dq_base, b, h,
+                    sqn, sqd, sdon, sdod, son, sod, sgn, sgd, offs_n, lo, hi, causal_offset, N_Q, qk_scale, kn_scale,
+                    two_c, BLOCK_M1: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+                    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                    DELTA: tl.constexpr):
+    """Accumulate dk (before its key-norm correction), dv and sum_i dS_ij over query blocks [lo, hi).
+
+    ATOMIC_DQ: also add these keys' share of dq, 2c dS K, into the fp32 buffer at dq_base.
+    """
     offs_m = tl.arange(0, BLOCK_M1)
-    offs_d = tl.arange(0, HEAD_DIM)
     for start_m in range(lo, hi, BLOCK_M1):
         rows = start_m + offs_m
-        q_ptrs = q_base + rows[:, None] * sqn + offs_d[None, :] * sqd
-        do_ptrs = do_base + rows[:, None] * sdon + offs_d[None, :] * sdod
+        row_ok = rows < N_Q
+        q_tile = _rows(q_src, b, h, start_m, N_Q, sqn, sqd, BLOCK_M1, HEAD_DIM, MASKED, TMA)
+        do_tile = _rows(do_src, b, h, start_m, N_Q, sdon, sdod, BLOCK_M1, HEAD_DIM, MASKED, TMA)
         if MASKED:
-            row_ok = rows < N_Q
-            q_tile = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-            do_tile = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
             lse_i = tl.load(lse_base + rows, mask=row_ok, other=0.0)
-            delta_i = tl.load(delta_base + rows, mask=row_ok, other=0.0)
         else:
-            q_tile = tl.load(q_ptrs)
-            do_tile = tl.load(do_ptrs)
             lse_i = tl.load(lse_base + rows)
-            delta_i = tl.load(delta_base + rows)
+        delta_i = _delta(do_tile, o_base, delta_base, b, h, start_m, N_Q, son, sod, BLOCK_M1, HEAD_DIM, MASKED, DELTA)
         # Transposed scores: rows are keys, columns are queries.
         st = tl.dot(k_tile, tl.trans(q_tile), input_precision=DOT_PRECISION) * qk_scale - kn[:, None] * kn_scale
         pt = tl.exp2(st - lse_i[None, :])
@@ -327,65 +388,79 @@ def _bwd_dkdv_inner(dk, dv, dsum, k_tile, v_tile, kn, q_base, do_base, lse_base,
         dpt = tl.dot(v_tile, tl.trans(do_tile), input_precision=DOT_PRECISION)
         dst = pt * (dpt - delta_i[None, :])
         dsum += tl.sum(dst, 1)
-        dk = tl.dot(dst.to(q_tile.dtype), q_tile, dk, input_precision=DOT_PRECISION)
+        dst_low = dst.to(q_tile.dtype)
+        dk = tl.dot(dst_low, q_tile, dk, input_precision=DOT_PRECISION)
+        if ATOMIC_DQ:
+            dq_part = tl.dot(tl.trans(dst_low), k_tile, input_precision=DOT_PRECISION) * two_c
+            dq_ptrs = dq_base + rows[:, None] * sgn + tl.arange(0, HEAD_DIM)[None, :] * sgd
+            if MASKED:
+                tl.atomic_add(dq_ptrs, dq_part, mask=row_ok[:, None], sem="relaxed")
+            else:
+                tl.atomic_add(dq_ptrs, dq_part, sem="relaxed")
     return dk, dv, dsum
 
 
 @triton.jit
-def _bwd_dq_inner(dq, dsum, q_tile, do_tile, lse_i, delta_i, k_base, v_base, kn_base, skn, skd, svn, svd,
+def _bwd_dq_inner(dq, dsum, q_tile, do_tile, lse_i, delta_i, k_src, v_src, kn_base, b, h, skn, skd, svn, svd,
                   offs_m, lo, hi, causal_offset, N_K, qk_scale, kn_scale,
                   BLOCK_N2: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
-                  CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, NORMALIZED: tl.constexpr):
+                  CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, NORMALIZED: tl.constexpr, TMA: tl.constexpr):
     """Accumulate sum_j dS_ij k_j over key blocks [lo, hi), and sum_j dS_ij when it is not 0.
 
     Under softmax sum_j dS_ij = 0, so the -c||q_i||^2 part of the score has no gradient; without
     normalisation it has, and dq_i gets the extra term -2c q_i sum_j dS_ij (added by the caller).
     """
     offs_n = tl.arange(0, BLOCK_N2)
-    offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N2):
         cols = start_n + offs_n
-        kt_ptrs = k_base + cols[None, :] * skn + offs_d[:, None] * skd
-        vt_ptrs = v_base + cols[None, :] * svn + offs_d[:, None] * svd
+        k_tile = _rows(k_src, b, h, start_n, N_K, skn, skd, BLOCK_N2, HEAD_DIM, MASKED, TMA)
+        v_tile = _rows(v_src, b, h, start_n, N_K, svn, svd, BLOCK_N2, HEAD_DIM, MASKED, TMA)
         if MASKED:
             in_bounds = cols < N_K
-            kt = tl.load(kt_ptrs, mask=in_bounds[None, :], other=0.0)
-            vt = tl.load(vt_ptrs, mask=in_bounds[None, :], other=0.0)
             kn = tl.load(kn_base + cols, mask=in_bounds, other=0.0)
         else:
-            kt = tl.load(kt_ptrs)
-            vt = tl.load(vt_ptrs)
             kn = tl.load(kn_base + cols)
-        s = tl.dot(q_tile, kt, input_precision=DOT_PRECISION) * qk_scale - kn[None, :] * kn_scale
+        s = tl.dot(q_tile, tl.trans(k_tile), input_precision=DOT_PRECISION) * qk_scale - kn[None, :] * kn_scale
         p = tl.exp2(s - lse_i[:, None])
         if MASKED:
             visible = in_bounds[None, :]
             if CAUSAL:
                 visible = visible & (offs_m[:, None] + causal_offset >= cols[None, :])
             p = tl.where(visible, p, 0.0)
-        dp = tl.dot(do_tile, vt, input_precision=DOT_PRECISION)
+        dp = tl.dot(do_tile, tl.trans(v_tile), input_precision=DOT_PRECISION)
         ds = p * (dp - delta_i[:, None])
         if not NORMALIZED:
             dsum += tl.sum(ds, 1)
-        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PRECISION)
+        dq = tl.dot(ds.to(k_tile.dtype), k_tile, dq, input_precision=DOT_PRECISION)
     return dq, dsum
 
 
 @triton.jit
-def _bwd_kernel(q, k, v, kn, do, lse, delta, dq, dk, dv,
-                sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
-                sgb, sgh, sgn, sgd, sgkb, sgkh, sgkn, sgkd,
+def _bwd_kernel(q, k, v, kn, out, do, lse, delta, dq, dk, dv, q_loop, k_loop, v_loop, do_loop,
+                sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+                sdob, sdoh, sdon, sdod, sgb, sgh, sgn, sgd, sgkb, sgkh, sgkn, sgkd,
                 H, N_Q, N_K, qk_scale, kn_scale, two_c,
                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, NORMALIZED: tl.constexpr,
-                BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr):
-    """dq is written with strides (sgb..sgd); dk and dv share strides (sgkb..sgkd)."""
+                TMA: tl.constexpr, ATOMIC_DQ: tl.constexpr, DELTA: tl.constexpr, BLOCK_M1: tl.constexpr,
+                BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr):
+    """dq is written with strides (sgb..sgd); dk and dv share strides (sgkb..sgkd).
+
+    The inner loops read q, do (part 1) and k, v (part 2) through *_loop: under TMA these are
+    tensor descriptors with the loop's block size, otherwise the same pointers as q, k, v and do.
+    ATOMIC_DQ: part 1 adds each key block's share of dq into dq, a zeroed fp32 buffer, and part 2
+    does not run: dS and P are computed once instead of twice (5 matrix products instead of 7).
+    """
     pid, bh = tl.program_id(0), tl.program_id(1)
-    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q_base = q + b * sqb + h * sqh
-    k_base = k + b * skb + h * skh
-    v_base = v + b * svb + h * svh
-    do_base = do + b * sdob + h * sdoh
+    b, h = bh // H, bh % H
+    b64, h64 = b.to(tl.int64), h.to(tl.int64)
+    q_base, k_base = q + b64 * sqb + h64 * sqh, k + b64 * skb + h64 * skh
+    v_base, do_base = v + b64 * svb + h64 * svh, do + b64 * sdob + h64 * sdoh
+    if TMA:
+        q_src, k_src, v_src, do_src = q_loop, k_loop, v_loop, do_loop
+    else:
+        q_src, k_src, v_src, do_src = q_base, k_base, v_base, do_base
+    dq_base = dq + b64 * sgb + h64 * sgh
+    o_base = out + b64 * sob + h64 * soh
     kn_base = kn + bh.to(tl.int64) * N_K
     lse_base = lse + bh.to(tl.int64) * N_Q
     delta_base = delta + bh.to(tl.int64) * N_Q
@@ -395,11 +470,10 @@ def _bwd_kernel(q, k, v, kn, do, lse, delta, dq, dk, dv,
     start_n = pid * BLOCK_N1
     if start_n < N_K:
         offs_n = start_n + tl.arange(0, BLOCK_N1)
-        key_ok = offs_n < N_K
-        k_tile = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=key_ok[:, None], other=0.0)
-        v_tile = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=key_ok[:, None], other=0.0)
+        k_tile = _rows(k_base, b, h, start_n, N_K, skn, skd, BLOCK_N1, HEAD_DIM, True, False)
+        v_tile = _rows(v_base, b, h, start_n, N_K, svn, svd, BLOCK_N1, HEAD_DIM, True, False)
         # Padding keys get an infinite norm: their scores are -inf and their P is exactly 0.
-        kn_tile = tl.load(kn_base + offs_n, mask=key_ok, other=float("inf"))
+        kn_tile = tl.load(kn_base + offs_n, mask=offs_n < N_K, other=float("inf"))
         dk_acc = tl.zeros([BLOCK_N1, HEAD_DIM], dtype=tl.float32)
         dv_acc = tl.zeros([BLOCK_N1, HEAD_DIM], dtype=tl.float32)
         dsum = tl.zeros([BLOCK_N1], dtype=tl.float32)
@@ -414,46 +488,49 @@ def _bwd_kernel(q, k, v, kn, do, lse, delta, dq, dk, dv,
             all_visible = 0
         # Stages: masked blocks across the diagonal, unmasked full blocks, the masked ragged tail.
         diag_end = tl.maximum(tl.minimum(all_visible, full_rows_end), first)
-        dk_acc, dv_acc, dsum = _bwd_dkdv_inner(dk_acc, dv_acc, dsum, k_tile, v_tile, kn_tile, q_base, do_base,
-                                               lse_base, delta_base, sqn, sqd, sdon, sdod, offs_n,
-                                               first, diag_end, causal_offset, N_Q, qk_scale, kn_scale,
-                                               BLOCK_M1, HEAD_DIM, True, CAUSAL, DOT_PRECISION)
-        dk_acc, dv_acc, dsum = _bwd_dkdv_inner(dk_acc, dv_acc, dsum, k_tile, v_tile, kn_tile, q_base, do_base,
-                                               lse_base, delta_base, sqn, sqd, sdon, sdod, offs_n,
-                                               diag_end, full_rows_end, causal_offset, N_Q, qk_scale, kn_scale,
-                                               BLOCK_M1, HEAD_DIM, False, CAUSAL, DOT_PRECISION)
-        dk_acc, dv_acc, dsum = _bwd_dkdv_inner(dk_acc, dv_acc, dsum, k_tile, v_tile, kn_tile, q_base, do_base,
-                                               lse_base, delta_base, sqn, sqd, sdon, sdod, offs_n,
+        dk_acc, dv_acc, dsum = _bwd_dkdv_inner(dk_acc, dv_acc, dsum, k_tile, v_tile, kn_tile, q_src, do_src,
+                                               o_base, lse_base, delta_base, dq_base, b, h, sqn, sqd, sdon,
+                                               sdod, son, sod, sgn, sgd, offs_n,
+                                               first, diag_end, causal_offset, N_Q, qk_scale, kn_scale, two_c,
+                                               BLOCK_M1, HEAD_DIM, True, CAUSAL, DOT_PRECISION, TMA, ATOMIC_DQ, DELTA)
+        dk_acc, dv_acc, dsum = _bwd_dkdv_inner(dk_acc, dv_acc, dsum, k_tile, v_tile, kn_tile, q_src, do_src,
+                                               o_base, lse_base, delta_base, dq_base, b, h, sqn, sqd, sdon,
+                                               sdod, son, sod, sgn, sgd, offs_n,
+                                               diag_end, full_rows_end, causal_offset, N_Q, qk_scale, kn_scale, two_c,
+                                               BLOCK_M1, HEAD_DIM, False, CAUSAL, DOT_PRECISION, TMA, ATOMIC_DQ, DELTA)
+        dk_acc, dv_acc, dsum = _bwd_dkdv_inner(dk_acc, dv_acc, dsum, k_tile, v_tile, kn_tile, q_src, do_src,
+                                               o_base, lse_base, delta_base, dq_base, b, h, sqn, sqd, sdon,
+                                               sdod, son, sod, sgn, sgd, offs_n,
                                                tl.maximum(full_rows_end, diag_end), N_Q, causal_offset, N_Q,
-                                               qk_scale, kn_scale, BLOCK_M1, HEAD_DIM, True, CAUSAL, DOT_PRECISION)
+                                               qk_scale, kn_scale, two_c,
+                                               BLOCK_M1, HEAD_DIM, True, CAUSAL, DOT_PRECISION, TMA, ATOMIC_DQ, DELTA)
         # The key-norm term of dk: d(-||k_j||^2)/dk_j = -2 k_j, weighted by sum_i dS_ij.
         dk_tile = two_c * (dk_acc - k_tile.to(tl.float32) * dsum[:, None])
-        dv_ptrs = dv + b * sgkb + h * sgkh + offs_n[:, None] * sgkn + offs_d[None, :] * sgkd
-        dk_ptrs = dk + b * sgkb + h * sgkh + offs_n[:, None] * sgkn + offs_d[None, :] * sgkd
-        tl.store(dv_ptrs, dv_acc.to(dv.dtype.element_ty), mask=key_ok[:, None])
-        tl.store(dk_ptrs, dk_tile.to(dk.dtype.element_ty), mask=key_ok[:, None])
+        key_block = b64 * sgkb + h64 * sgkh + offs_n[:, None] * sgkn + tl.arange(0, HEAD_DIM)[None, :] * sgkd
+        tl.store(dv + key_block, dv_acc.to(dv.dtype.element_ty), mask=(offs_n < N_K)[:, None])
+        tl.store(dk + key_block, dk_tile.to(dk.dtype.element_ty), mask=(offs_n < N_K)[:, None])
 
     # Part 2: dq for queries [start_m, start_m + BLOCK_M2).
     start_m = pid * BLOCK_M2
-    if start_m < N_Q:
+    if not ATOMIC_DQ and start_m < N_Q:
         offs_m = start_m + tl.arange(0, BLOCK_M2)
         row_ok = offs_m < N_Q
-        q_tile = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0)
-        do_tile = tl.load(do_base + offs_m[:, None] * sdon + offs_d[None, :] * sdod, mask=row_ok[:, None], other=0.0)
+        q_tile = _rows(q_base, b, h, start_m, N_Q, sqn, sqd, BLOCK_M2, HEAD_DIM, True, False)
+        do_tile = _rows(do_base, b, h, start_m, N_Q, sdon, sdod, BLOCK_M2, HEAD_DIM, True, False)
         lse_i = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
-        delta_i = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        delta_i = _delta(do_tile, o_base, delta_base, b, h, start_m, N_Q, son, sod, BLOCK_M2, HEAD_DIM, True, DELTA)
         dq_acc = tl.zeros([BLOCK_M2, HEAD_DIM], dtype=tl.float32)
         dsum = tl.zeros([BLOCK_M2], dtype=tl.float32)
         lo, hi = _key_stages(start_m, N_K, causal_offset, BLOCK_M2, BLOCK_N2, CAUSAL)
-        dq_acc, dsum = _bwd_dq_inner(dq_acc, dsum, q_tile, do_tile, lse_i, delta_i, k_base, v_base, kn_base, skn, skd, svn, svd,
-                               offs_m, 0, lo, causal_offset, N_K, qk_scale, kn_scale,
-                               BLOCK_N2, HEAD_DIM, False, CAUSAL, DOT_PRECISION, NORMALIZED)
-        dq_acc, dsum = _bwd_dq_inner(dq_acc, dsum, q_tile, do_tile, lse_i, delta_i, k_base, v_base, kn_base, skn, skd, svn, svd,
-                               offs_m, lo, hi, causal_offset, N_K, qk_scale, kn_scale,
-                               BLOCK_N2, HEAD_DIM, True, CAUSAL, DOT_PRECISION, NORMALIZED)
-        dq_ptrs = dq + b * sgb + h * sgh + offs_m[:, None] * sgn + offs_d[None, :] * sgd
+        dq_acc, dsum = _bwd_dq_inner(dq_acc, dsum, q_tile, do_tile, lse_i, delta_i, k_src, v_src, kn_base, b, h,
+                                     skn, skd, svn, svd, offs_m, 0, lo, causal_offset, N_K, qk_scale, kn_scale,
+                                     BLOCK_N2, HEAD_DIM, False, CAUSAL, DOT_PRECISION, NORMALIZED, TMA)
+        dq_acc, dsum = _bwd_dq_inner(dq_acc, dsum, q_tile, do_tile, lse_i, delta_i, k_src, v_src, kn_base, b, h,
+                                     skn, skd, svn, svd, offs_m, lo, hi, causal_offset, N_K, qk_scale, kn_scale,
+                                     BLOCK_N2, HEAD_DIM, True, CAUSAL, DOT_PRECISION, NORMALIZED, TMA)
         if not NORMALIZED:
             dq_acc -= q_tile.to(tl.float32) * dsum[:, None]
+        dq_ptrs = dq_base + offs_m[:, None] * sgn + tl.arange(0, HEAD_DIM)[None, :] * sgd
         tl.store(dq_ptrs, (two_c * dq_acc).to(dq.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -471,8 +548,45 @@ def _device_of(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _tuning_key(q, k, causal, normalize):
-    return (_bucket(q.shape[2]), _bucket(k.shape[2]), q.shape[3], causal, normalize, q.dtype, q.device)
+# Two choices made per call, each "auto" (by the H100 measurements in results/bench/NOTES.md, v7),
+# "1" (wherever possible: tests, the interpreter included) or "0" (never):
+# - TMA (Hopper and newer) for the inner loops' tiles: from 1024 keys on, in the forward only at
+#   D >= 128 (at D = 64 its forward was 6% slower, at D = 128 7% faster). Short sequences are
+#   launch-bound, and building descriptors costs host time.
+# - dq by atomic adds (see _atomic_dq): from 1024 keys on, at D <= 64 (6% faster forward+backward
+#   there; 10% slower at D = 128, where the extra (BLOCK_M1, D) fp32 tile costs registers).
+TMA = os.environ.get("RBF_LITE_TMA", "auto")
+ATOMIC_DQ = os.environ.get("RBF_LITE_ATOMIC_DQ", "auto")
+LONG_KEYS = 1024
+_CAPABILITY: dict[int, int] = {}
+
+
+def _use_tma(auto: bool, *tensors: torch.Tensor) -> bool:
+    """Whether the kernels read these (B, H, N, D) tensors through TMA descriptors: in "auto" mode
+    when `auto` says so; and always only if TMA can address them: unit stride along D, every other
+    stride and the base on 16 bytes (no zero strides), a GPU with TMA."""
+    if TMA == "0" or (TMA == "auto" and (INTERPRETING or not auto)):
+        return False
+    t = tensors[0]
+    if t.is_cuda:
+        index = t.device.index
+        if index not in _CAPABILITY:
+            _CAPABILITY[index] = torch.cuda.get_device_capability(t.device)[0]
+        if _CAPABILITY[index] < 9:
+            return False
+    elif not INTERPRETING:
+        return False
+    return all(t.stride(3) == 1 and t.data_ptr() % 16 == 0
+               and all(st > 0 and st * t.element_size() % 16 == 0 for st in t.stride()[:3]) for t in tensors)
+
+
+def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
+    """A descriptor for (1, 1, rows, D) tiles of a (B, H, N, D) tensor."""
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[3]])
+
+
+def _tuning_key(q, k, causal, normalize, tma):
+    return (_bucket(q.shape[2]), _bucket(k.shape[2]), q.shape[3], causal, normalize, tma, q.dtype, q.device)
 
 
 def _forward(q, k, v, causal: bool, scale: float, normalize: bool):
@@ -481,13 +595,31 @@ def _forward(q, k, v, causal: bool, scale: float, normalize: bool):
     M = k.shape[2]
     out = torch.empty((B, H, N, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
+    tma = _use_tma(M >= LONG_KEYS and D >= 128, k, v)
+    inline_norms = M < LONG_KEYS  # launch-bound: the kernel computes (and writes) the key norms itself
+    strides = (*q.stride(), *k.stride(), *v.stride(), *out.stride())
     with _device_of(q):
-        kn = rowdot(k, k)
-        FWD_TUNER.launch(_tuning_key(q, k, causal, normalize), q.dtype, lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H),
-                         q, k, v, kn, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-                         H, N, M, 2.0 * scale * LOG2E, scale * LOG2E,
-                         HEAD_DIM=D, CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype), NORMALIZED=normalize)
+        kn = torch.empty((B, H, M), device=q.device, dtype=torch.float32) if inline_norms else rowdot(k, k)
+
+        def args(meta):
+            keys = (_descriptor(k, meta["BLOCK_N"]), _descriptor(v, meta["BLOCK_N"])) if tma else (k, v)
+            return (q, *keys, kn, out, lse, *strides, H, N, M, 2.0 * scale * LOG2E, scale * LOG2E)
+
+        FWD_TUNER.launch(_tuning_key(q, k, causal, normalize, tma), q.dtype,
+                         lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H), args,
+                         HEAD_DIM=D, CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype), NORMALIZED=normalize,
+                         TMA=tma, INLINE_NORMS=inline_norms)
     return out, lse, kn
+
+
+def _atomic_dq(n_keys: int, head_dim: int, normalize: bool) -> bool:
+    """Accumulate dq with atomic adds from the key blocks' loop (one pass over the scores) instead of
+    a second loop over keys per query block. Not for short sequences (it adds a zero-fill and a cast
+    to a launch-bound backward), nor without normalisation, nor when torch is asked for
+    deterministic algorithms (the adds land in any order)."""
+    if not normalize or torch.are_deterministic_algorithms_enabled():
+        return False
+    return ATOMIC_DQ == "1" or (ATOMIC_DQ == "auto" and n_keys >= LONG_KEYS and head_dim <= 64)
 
 
 def _backward(dout, q, k, v, out, lse, kn, causal: bool, scale: float, normalize: bool):
@@ -495,19 +627,37 @@ def _backward(dout, q, k, v, out, lse, kn, causal: bool, scale: float, normalize
     softmax, and dS = P (dP - Delta) is the gradient with respect to the natural-unit score."""
     B, H, N, D = q.shape
     M = k.shape[2]
-    dq = torch.empty((B, H, N, D), device=q.device, dtype=q.dtype)
+    atomic = _atomic_dq(M, D, normalize)
+    dq = torch.zeros((B, H, N, D), device=q.device, dtype=torch.float32) if atomic else \
+        torch.empty((B, H, N, D), device=q.device, dtype=q.dtype)
     dk = torch.empty((B, H, M, D), device=q.device, dtype=k.dtype)
     dv = torch.empty_like(dk)
+    tma = _use_tma(max(N, M) >= LONG_KEYS, q, k, v, dout)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride(), *dk.stride())
+    # Delta_i = dO_i . O_i comes from the softmax's normalisation (without it, it is 0): a pre-pass
+    # for long sequences, computed in the kernel where a launch costs more than the repeated work.
+    delta_mode = (DELTA_ZERO if not normalize else DELTA_LOAD if max(N, M) >= LONG_KEYS else DELTA_INLINE).value
     with _device_of(q):
-        # Delta_i = dO_i . O_i comes from the softmax's normalisation; without it, it is 0.
-        delta = rowdot(out, dout) if normalize else torch.zeros((B, H, N), device=q.device, dtype=torch.float32)
-        BWD_TUNER.launch(_tuning_key(q, k, causal, normalize), q.dtype,
-                         lambda meta: (max(triton.cdiv(M, meta["BLOCK_N1"]), triton.cdiv(N, meta["BLOCK_M2"])), B * H),
-                         q, k, v, kn, dout, lse, delta, dq, dk, dv,
-                         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *dk.stride(),
-                         H, N, M, 2.0 * scale * LOG2E, scale * LOG2E, 2.0 * scale,
-                         HEAD_DIM=D, CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype), NORMALIZED=normalize)
-    return dq, dk, dv
+        delta = rowdot(out, dout) if delta_mode == DELTA_LOAD.value else lse  # (lse: a placeholder, never read)
+
+        def args(meta):
+            if tma:  # the loops' tiles: queries in blocks of BLOCK_M1 (part 1), keys of BLOCK_N2 (part 2)
+                loops = (_descriptor(q, meta["BLOCK_M1"]), _descriptor(k, meta["BLOCK_N2"]),
+                         _descriptor(v, meta["BLOCK_N2"]), _descriptor(dout, meta["BLOCK_M1"]))
+            else:
+                loops = (q, k, v, dout)
+            return (q, k, v, kn, out, dout, lse, delta, dq, dk, dv, *loops, *strides,
+                    H, N, M, 2.0 * scale * LOG2E, scale * LOG2E, 2.0 * scale)
+
+        def grid(meta):
+            blocks = triton.cdiv(M, meta["BLOCK_N1"])
+            return (blocks if atomic else max(blocks, triton.cdiv(N, meta["BLOCK_M2"])), B * H)
+
+        BWD_TUNER.launch(_tuning_key(q, k, causal, normalize, tma) + (atomic,), q.dtype, grid, args,
+                         reset=dq.zero_ if atomic else None, HEAD_DIM=D, CAUSAL=causal,
+                         DOT_PRECISION=_dot_precision(q.dtype), NORMALIZED=normalize, TMA=tma, ATOMIC_DQ=atomic,
+                         DELTA=delta_mode)
+    return dq.to(q.dtype), dk, dv
 
 
 @torch.library.custom_op("rbf_lite::rbf_attention_fwd", mutates_args=())
