@@ -10,11 +10,18 @@ Variants:
   rbf_flex                       RBF through FlexAttention with a score_mod adding -c||k||^2
   rbf_lite                       this package's fused Triton kernels
 peak_mib is the memory a forward+backward allocates beyond its inputs.
+
+Two timings per variant. *_ms: `do_bench`, which flushes L2 before each call and times the call
+with CUDA events; at launch-bound shapes part of the host time hides behind the flush, by an amount
+that depends on the host's speed, so these ratios swing from run to run there. *_loop_ms: calls
+enqueued back to back and the wall time per call, host included: what a training loop of small
+operations sees. At long sequences both agree.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import time
 from typing import Callable
 
 import torch
@@ -86,8 +93,24 @@ IMPLEMENTATIONS: dict[str, Callable] = {
 }
 
 
+def back_to_back_ms(fn, budget_ms: float) -> float:
+    """Wall time per call of `fn` called repeatedly for about budget_ms, synchronised at the ends."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    calls = max(10, int(budget_ms / max((time.perf_counter() - start) * 1e3, 1e-3)))
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3 / calls
+
+
 def time_variant(fn, q, k, v, causal, warmup_ms=50, rep_ms=300):
-    """(forward ms, forward+backward ms, peak MiB beyond the inputs) for one implementation."""
+    """(forward ms, forward+backward ms, peak MiB beyond the inputs, back-to-back forward ms,
+    back-to-back forward+backward ms) for one implementation."""
     from triton.testing import do_bench
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
     dout = torch.randn_like(q)
@@ -102,13 +125,14 @@ def time_variant(fn, q, k, v, causal, warmup_ms=50, rep_ms=300):
 
     fwd_ms = do_bench(fwd, warmup=warmup_ms, rep=rep_ms, return_mode="median")
     fwdbwd_ms = do_bench(fwdbwd, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    fwd_loop_ms, fwdbwd_loop_ms = back_to_back_ms(fwd, rep_ms / 3), back_to_back_ms(fwdbwd, rep_ms / 3)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     fwdbwd()
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return fwd_ms, fwdbwd_ms, peak
+    return fwd_ms, fwdbwd_ms, peak, fwd_loop_ms, fwdbwd_loop_ms
 
 
 def accuracy_rows(dtypes, device="cuda"):
@@ -150,7 +174,7 @@ def main(argv=None):
     causals = [c.strip().lower() == "true" for c in args.causal.split(",")]
     result = {**environment("cuda"), "rows": [], "accuracy": accuracy_rows(args.dtypes.split(","))}
     print(f"{'variant':16s} {'shape':>18s} {'dtype':5s} {'causal':6s} {'fwd ms':>8s} {'f+b ms':>8s} "
-          f"{'fwd x':>6s} {'f+b x':>6s} {'peak MiB':>9s}")
+          f"{'fwd x':>6s} {'f+b x':>6s} {'loop fwd x':>10s} {'loop f+b x':>10s} {'peak MiB':>9s}")
     for dtype_name in args.dtypes.split(","):
         for (b, h, n, d) in shapes:
             for causal in causals:
@@ -159,21 +183,25 @@ def main(argv=None):
                 baseline = None
                 for name in ["sdpa"] + [x for x in variants if x != "sdpa"]:
                     try:
-                        fwd_ms, fwdbwd_ms, peak = time_variant(IMPLEMENTATIONS[name], q, k, v, causal, rep_ms=args.rep_ms)
+                        fwd_ms, fwdbwd_ms, peak, fwd_loop, fwdbwd_loop = time_variant(
+                            IMPLEMENTATIONS[name], q, k, v, causal, rep_ms=args.rep_ms)
                     except Exception as e:  # a pinned backend may not support a shape: record why
                         result["rows"].append({"variant": name, "b": b, "h": h, "n": n, "d": d, "dtype": dtype_name,
                                                "causal": causal, "error": f"{type(e).__name__}: {str(e)[:200]}"})
                         print(f"{name:16s} {f'{b}x{h}x{n}x{d}':>18s} {dtype_name:5s} {causal!s:6s} failed: {type(e).__name__}")
                         continue
                     if name == "sdpa":
-                        baseline = (fwd_ms, fwdbwd_ms)
+                        baseline = (fwd_ms, fwdbwd_ms, fwd_loop, fwdbwd_loop)
                     row = {"variant": name, "b": b, "h": h, "n": n, "d": d, "dtype": dtype_name, "causal": causal,
                            "fwd_ms": fwd_ms, "fwdbwd_ms": fwdbwd_ms,
                            "fwd_vs_sdpa": fwd_ms / baseline[0], "fwdbwd_vs_sdpa": fwdbwd_ms / baseline[1],
+                           "fwd_loop_ms": fwd_loop, "fwdbwd_loop_ms": fwdbwd_loop,
+                           "fwd_loop_vs_sdpa": fwd_loop / baseline[2], "fwdbwd_loop_vs_sdpa": fwdbwd_loop / baseline[3],
                            "peak_mib": peak}
                     result["rows"].append(row)
                     print(f"{name:16s} {f'{b}x{h}x{n}x{d}':>18s} {dtype_name:5s} {causal!s:6s} {fwd_ms:8.3f} "
-                          f"{fwdbwd_ms:8.3f} {row['fwd_vs_sdpa']:6.2f} {row['fwdbwd_vs_sdpa']:6.2f} {peak:9.1f}", flush=True)
+                          f"{fwdbwd_ms:8.3f} {row['fwd_vs_sdpa']:6.2f} {row['fwdbwd_vs_sdpa']:6.2f} "
+                          f"{row['fwd_loop_vs_sdpa']:10.2f} {row['fwdbwd_loop_vs_sdpa']:10.2f} {peak:9.1f}", flush=True)
                 del q, k, v
                 if args.out:
                     write_json(args.out, result)

@@ -596,7 +596,9 @@ def _forward(q, k, v, causal: bool, scale: float, normalize: bool):
     out = torch.empty((B, H, N, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     tma = _use_tma(M >= LONG_KEYS and D >= 128, k, v)
-    inline_norms = M < LONG_KEYS  # launch-bound: the kernel computes (and writes) the key norms itself
+    # Launch-bound: the kernel computes (and writes) the key norms itself. Not together with TMA, a
+    # combination "auto" never makes and that crashed ptxas (Triton 3.6, D = 128) when forced.
+    inline_norms = M < LONG_KEYS and not tma
     strides = (*q.stride(), *k.stride(), *v.stride(), *out.stride())
     with _device_of(q):
         kn = torch.empty((B, H, M), device=q.device, dtype=torch.float32) if inline_norms else rowdot(k, k)
@@ -636,7 +638,8 @@ def _backward(dout, q, k, v, out, lse, kn, causal: bool, scale: float, normalize
     strides = (*q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride(), *dk.stride())
     # Delta_i = dO_i . O_i comes from the softmax's normalisation (without it, it is 0): a pre-pass
     # for long sequences, computed in the kernel where a launch costs more than the repeated work.
-    delta_mode = (DELTA_ZERO if not normalize else DELTA_LOAD if max(N, M) >= LONG_KEYS else DELTA_INLINE).value
+    long = max(N, M) >= LONG_KEYS or tma  # (with TMA: see inline_norms in _forward)
+    delta_mode = (DELTA_ZERO if not normalize else DELTA_LOAD if long else DELTA_INLINE).value
     with _device_of(q):
         delta = rowdot(out, dout) if delta_mode == DELTA_LOAD.value else lse  # (lse: a placeholder, never read)
 
