@@ -41,6 +41,8 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources, PTXASError
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from ..rbf import _capability
+
 LOG2E = 1.4426950408889634
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -558,7 +560,6 @@ def _device_of(t: torch.Tensor):
 TMA = os.environ.get("RBF_LITE_TMA", "auto")
 ATOMIC_DQ = os.environ.get("RBF_LITE_ATOMIC_DQ", "auto")
 LONG_KEYS = 1024
-_CAPABILITY: dict[int, int] = {}
 
 
 def _use_tma(auto: bool, *tensors: torch.Tensor) -> bool:
@@ -569,10 +570,7 @@ def _use_tma(auto: bool, *tensors: torch.Tensor) -> bool:
         return False
     t = tensors[0]
     if t.is_cuda:
-        index = t.device.index
-        if index not in _CAPABILITY:
-            _CAPABILITY[index] = torch.cuda.get_device_capability(t.device)[0]
-        if _CAPABILITY[index] < 9:
+        if _capability(t.device.index)[0] < 9:
             return False
     elif not INTERPRETING:
         return False
