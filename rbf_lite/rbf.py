@@ -26,13 +26,18 @@ def triton_available(device: torch.device | str | None = None) -> bool:
     On CUDA that needs Triton and compute capability >= 8.0 (Ampere or newer: a T4 is 7.5); on the
     CPU only Triton's interpreter (TRITON_INTERPRET=1) can run them.
     """
-    device = torch.device(device) if device is not None else (
-        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-    if not _triton_installed():
-        return False
+    if not isinstance(device, torch.device):
+        device = torch.device(device) if device is not None else (
+            torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     if device.type == "cuda":
-        return torch.cuda.is_available() and _capability(device.index)[0] >= 8
-    return os.environ.get("TRITON_INTERPRET") == "1"
+        return _cuda_runs_triton(device.index)
+    return os.environ.get("TRITON_INTERPRET") == "1" and _triton_installed()
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_runs_triton(index: int | None) -> bool:
+    """Cached: it sits on every call's path (the training shape is launch-bound)."""
+    return _triton_installed() and torch.cuda.is_available() and _capability(index)[0] >= 8
 
 
 @functools.lru_cache(maxsize=None)

@@ -32,12 +32,15 @@ keys j <= i + (M - N), as when decoding against a KV cache.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 
 import torch
 import triton
 import triton.language as tl
+try:
+    from triton import knobs
+except ImportError:  # Triton < 3.4: launches go through compiled[grid](...)
+    knobs = None
 from triton.runtime.errors import OutOfResources, PTXASError
 from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -56,7 +59,7 @@ TUNED_BWD_CONFIGS = [
     triton.Config({"BLOCK_M1": m1, "BLOCK_N1": n1, "BLOCK_M2": m2, "BLOCK_N2": n2}, num_warps=w, num_stages=s)
     for m1, n1, m2, n2, w, s in [(32, 128, 128, 32, 4, 5), (32, 128, 128, 32, 4, 3), (32, 128, 128, 32, 8, 3),
                                  (64, 128, 128, 64, 8, 3), (64, 128, 128, 64, 8, 2), (64, 64, 64, 64, 4, 3),
-                                 (32, 64, 64, 32, 4, 3), (32, 64, 64, 32, 4, 2)]
+                                 (64, 64, 64, 64, 4, 2), (32, 64, 64, 32, 4, 3), (32, 64, 64, 32, 4, 2)]
 ]
 if INTERPRETING:
     # One small, lopsided configuration: fast on the CPU, and BLOCK_M != BLOCK_N exercises every
@@ -103,7 +106,7 @@ class CompiledLauncher:
     @staticmethod
     def _specialisation(args) -> tuple:
         return tuple([(a.data_ptr() & 15, a.dtype) if isinstance(a, torch.Tensor)
-                      else (a if a <= 1 or a >= 2 ** 31 else 16 + (a & 15)) if isinstance(a, int)
+                      else (a if a <= 1 or a >= 2 ** 31 else 16 + (a & 15)) if type(a) is int
                       else (a.base.dtype, tuple(a.block_shape)) if isinstance(a, TensorDescriptor)
                       else type(a) for a in args])
 
@@ -112,12 +115,25 @@ class CompiledLauncher:
             self.kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
             return
         values = tuple([constexprs[name] for name in self.constexpr_names])
-        key = (values, num_warps, num_stages, torch.cuda.current_device(), self._specialisation(args))
+        device = torch.cuda.current_device()
+        key = (values, num_warps, num_stages, device, self._specialisation(args))
         compiled = self.compiled.get(key)
         if compiled is None:
             self.compiled[key] = self.kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
             return
-        compiled[tuple(grid) + (1,) * (3 - len(grid))](*args, *values)
+        grid = tuple(grid) + (1,) * (3 - len(grid))
+        if knobs is not None and not _has_hooks(knobs.runtime.launch_enter_hook) \
+                and not _has_hooks(knobs.runtime.launch_exit_hook):
+            # What compiled[grid](...) does, minus its per-call closure, launch metadata and empty hooks.
+            compiled.run(*grid, torch._C._cuda_getCurrentRawStream(device), compiled.function,
+                         compiled.packed_metadata, None, None, None, *args, *values)
+        else:  # a profiler's launch hooks: let Triton call them
+            compiled[grid](*args, *values)
+
+
+def _has_hooks(hook) -> bool:
+    """Launch hooks are None or a function in older Triton, a (usually empty) HookChain in newer."""
+    return bool(getattr(hook, "calls", hook))
 
 
 class Tuner:
@@ -165,7 +181,7 @@ class Tuner:
 
 def _bucket(n: int) -> int:
     """Autotuning key for a length: its power-of-two bucket, so growing caches don't retune each step."""
-    return 1 << max(4, math.ceil(math.log2(max(n, 1))))
+    return 1 << max(4, (max(n, 1) - 1).bit_length())
 
 
 @triton.jit
@@ -545,9 +561,15 @@ FWD_TUNER = Tuner(_fwd_kernel, FWD_CONFIGS, _fits_fwd)
 BWD_TUNER = Tuner(_bwd_kernel, BWD_CONFIGS, _fits_bwd)
 
 
+_SAME_DEVICE = contextlib.nullcontext()
+
+
 def _device_of(t: torch.Tensor):
-    """Launch on the tensor's GPU, whatever the current device is (multi-GPU processes)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    """Launch on the tensor's GPU, whatever the current device is (multi-GPU processes). Switching
+    costs microseconds each way: only when the tensor is elsewhere."""
+    if not t.is_cuda or t.device.index == torch.cuda.current_device():
+        return _SAME_DEVICE
+    return torch.cuda.device(t.device)
 
 
 # Two choices made per call, each "auto" (by the H100 measurements in results/bench/NOTES.md, v7),
