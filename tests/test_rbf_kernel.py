@@ -303,6 +303,28 @@ def test_compiled_launcher_matches_the_jit():
     assert len(ROWDOT.compiled) >= 2
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled launcher runs on a GPU only")
+def test_compiled_launcher_keeps_launch_hooks():
+    """Cached launches skip Triton's per-call wrapper, but a profiler's launch hook still sees them."""
+    from triton import knobs
+    from rbf_lite.kernels.rbf_attention import rowdot
+    if not hasattr(knobs.runtime.launch_enter_hook, "add"):
+        pytest.skip("this Triton has no launch-hook chains")
+    x = torch.randn(1, 2, 40, 16, device="cuda")
+    rowdot(x, x)  # compiles and caches the kernel
+    seen = []
+    hook = seen.append
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        got = rowdot(x, x)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    torch.testing.assert_close(got, (x * x).sum(-1), rtol=1e-5, atol=1e-5)
+    assert len(seen) == 1
+    rowdot(x, x)
+    assert len(seen) == 1
+
+
 @needs_triton
 @pytest.mark.parametrize("n_q, n_k, chunks", [(1, 1, None), (1, 50, 3), (3, 300, 4), (16, 257, 5), (64, 130, 2)])
 @pytest.mark.parametrize("head_dim", [16, 64, 128])
