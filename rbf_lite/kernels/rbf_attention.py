@@ -590,9 +590,9 @@ def _use_tma(auto: bool, *tensors: torch.Tensor) -> bool:
     stride and the base on 16 bytes (no zero strides), a GPU with TMA."""
     if TMA == "0" or (TMA == "auto" and (INTERPRETING or not auto)):
         return False
-    t = tensors[0]
-    if t.is_cuda:
-        if _capability(t.device.index)[0] < 9:
+    first = tensors[0]
+    if first.is_cuda:
+        if _capability(first.device.index)[0] < 9:
             return False
     elif not INTERPRETING:
         return False
