@@ -190,6 +190,36 @@ def test_atomic_dq_only_where_it_pays(monkeypatch):
     assert not kernel._atomic_dq(long, 64, normalize=True)
 
 
+def test_tuner_keeps_each_candidates_best_of_two_rounds(monkeypatch):
+    """A candidate slow in the first round (clock ramp-up) can still win; one too large is dropped."""
+    import triton.testing
+    from triton.runtime.errors import OutOfResources
+    from rbf_lite.kernels import rbf_attention as kernel
+    configs = kernel.TUNED_FWD_CONFIGS[:3]
+    tuner = kernel.Tuner(kernel._fwd_kernel, configs, lambda config, dtype: True)
+    timed = []
+    monkeypatch.setattr(tuner, "_run", lambda config, grid, args, constexprs: timed.append(config))
+    # Calls in order: 0, 1, 2 (too large), then reversed: 1, 0 (2 is not retried).
+    script = iter([5.0, 2.0, None, 2.5, 1.0])
+
+    def fake_do_bench(fn, warmup, rep):
+        fn()
+        t = next(script)
+        if t is None:
+            raise OutOfResources(300_000, 232_448, "shared memory")
+        return t
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    key = (256, 256, 64, True, True, False, torch.float16, "cuda:0")
+    assert tuner._choose(torch.float16, None, None, {}) is configs[0]
+    assert timed == [configs[0], configs[1], configs[2], configs[1], configs[0]]
+    tuner.chosen[key] = configs[0]
+    (choice,) = tuner.choices()
+    assert choice["key"]["head_dim"] == "64" and choice["key"]["causal"] == "True"
+    assert choice["config"] == {**configs[0].kwargs, "num_warps": configs[0].num_warps,
+                                "num_stages": configs[0].num_stages}
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="autotuning times configurations on a GPU")
 def test_atomic_dq_survives_autotuning(monkeypatch):
     """Tuning runs the kernel once per candidate; the atomically summed dq must be cleared after it."""

@@ -205,6 +205,10 @@ def main(argv=None):
                 del q, k, v
                 if args.out:
                     write_json(args.out, result)
+    from ..kernels.rbf_attention import BWD_TUNER, FWD_TUNER
+    result["tuned"] = {"forward": FWD_TUNER.choices(), "backward": BWD_TUNER.choices()}
+    if args.out:
+        write_json(args.out, result)
     for row in result["accuracy"]:
         print(f"accuracy {row['dtype']} D{row['d']} causal={row['causal']}: rbf_lite {row['rbf_lite_rel_err']:.2e} "
               f"vs SDPA {row['sdpa_rel_err']:.2e}")
