@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from .rbf_attention import CompiledLauncher, _device_of
+from .rbf_attention import CompiledLauncher, _device_of, cdiv
 
 # The centroid tile (and its gradient) lives in registers: above this it would spill, and the
 # problem is large enough for the torch path not to be launch-bound.
@@ -178,7 +178,7 @@ def halo_loss_and_grads(embeddings: torch.Tensor, targets: torch.Tensor, centroi
     K = centroids.shape[0]
     if rows_per_program % block:
         raise ValueError(f"rows_per_program ({rows_per_program}) must be a multiple of block ({block})")
-    programs = triton.cdiv(B, rows_per_program)
+    programs = cdiv(B, rows_per_program)
     flat = embeddings.new_empty(B * D + K * D + 3)
     partials = flat[B * D:] if programs == 1 else embeddings.new_empty(programs, K * D + 3)
     k_pad, d_pad = _padded(K), _padded(D)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rbf_attention import LOG2E, CompiledLauncher, _device_of, _dot_precision, _fwd_inner, rowdot
+from .rbf_attention import LOG2E, CompiledLauncher, _device_of, _dot_precision, _fwd_inner, cdiv, rowdot
 
 MAX_DECODE_QUERIES = 64  # beyond this the attention kernel's own query blocks parallelise well
 KEYS_PER_CHUNK_MIN = 256
@@ -98,8 +98,8 @@ def rbf_decode_triton(q, k, v, key_sqnorms, scale: float, num_chunks: int | None
     M = k.shape[2]
     block_n = 32 if q.dtype == torch.float32 else 64
     chunks = num_chunks or default_chunks(B * H, M, q.device)
-    chunk = triton.cdiv(triton.cdiv(M, chunks), block_n) * block_n  # chunks start on key-block bounds
-    chunks = triton.cdiv(M, chunk)
+    chunk = cdiv(cdiv(M, chunks), block_n) * block_n  # chunks start on key-block bounds
+    chunks = cdiv(M, chunk)
     block_m = max(16, triton.next_power_of_2(N))
     out = torch.empty((B, H, N, D), device=q.device, dtype=q.dtype)
     part_out = torch.empty((B, H, chunks, N, D), device=q.device, dtype=torch.float32)
