@@ -271,13 +271,14 @@ def _key_stages(start_m, N_K, causal_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.
 
 @triton.jit
 def _masked_first(lo, hi, masked_lo, masked_hi, MASKED_FIRST: tl.constexpr):
-    """The range a loop stage runs first: [lo, hi), or with MASKED_FIRST the masked one.
+    """The range of the next loop stage: [lo, hi), or with MASKED_FIRST the masked [masked_lo, masked_hi).
 
-    Where the unmasked loop came first, ptxas (Triton 3.6, sm_90a) serialised every wgmma of the causal
-    kernels (advisory C7515: on the path that skips that loop the accumulator registers are written
-    while a product may be in flight), and each matrix product waited for the previous one: the causal
-    backward at D = 128 ran 13-15% slower, the causal forward 4-9%. Non-causal builds are not serialised
-    in the usual order and are slower in the other, so they keep it.
+    Causal kernels run their masked stage first. With the unmasked loop first, ptxas (Triton 3.6,
+    sm_90a) serialised every wgmma of the kernel (advisory C7515: on the path that skips that loop the
+    accumulator registers are written while a product may be in flight), each matrix product waiting
+    for the previous one; in that order the causal forward+backward at D = 128 took 13-15% longer and
+    the causal forward 1-9%. Non-causal kernels measured no faster in the other order (D = 64 slower),
+    so they keep theirs.
     """
     if MASKED_FIRST:
         return masked_lo, masked_hi
@@ -369,9 +370,7 @@ def _fwd_kernel(q, k, v, kn, out, lse,
     causal_offset = N_K - N_Q
     lo, hi = _key_stages(start_m, N_K, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
     store_norms = start_m + BLOCK_M >= N_Q
-    # Causal rows visit their masked stage (the diagonal) first. In the other order ptxas serialises every
-    # wgmma of the kernel, each matrix product waiting for the previous one (its advisory C7515: the path
-    # that skips the first loop writes the accumulator while a product is in flight); see _masked_first.
+    # Causal rows visit their masked stage (the diagonal) first: see _masked_first.
     first_lo, first_hi = _masked_first(0, lo, lo, hi, CAUSAL)
     second_lo, second_hi = _masked_first(lo, hi, 0, lo, CAUSAL)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_src, v_src, kn_base, store_norms, b, h, skn, skd, svn, svd,
