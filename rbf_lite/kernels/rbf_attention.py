@@ -50,10 +50,13 @@ LOG2E = 1.4426950408889634
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Autotuning candidates, in one list per kernel, smallest tiles last.
+# maxnreg caps the registers per thread: at D = 64, (64, 128) tiles with 2 stages fit 3 programs per
+# SM at 128 registers (without spilling) instead of 2 at 182, and that forward is 1-4% faster.
 TUNED_FWD_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2),
-                         (64, 128, 4, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 2)]
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, maxnreg=r)
+    for bm, bn, w, s, r in [(128, 64, 4, 3, None), (128, 64, 4, 4, None), (128, 64, 8, 3, None),
+                            (128, 128, 8, 3, None), (128, 128, 8, 2, None), (64, 128, 4, 3, None),
+                            (64, 128, 4, 2, 128), (128, 32, 4, 4, None), (64, 64, 4, 3, None), (64, 32, 4, 2, None)]
 ]
 TUNED_BWD_CONFIGS = [
     triton.Config({"BLOCK_M1": m1, "BLOCK_N1": n1, "BLOCK_M2": m2, "BLOCK_N2": n2}, num_warps=w, num_stages=s)
@@ -110,16 +113,18 @@ class CompiledLauncher:
                       else (a.base.dtype, tuple(a.block_shape)) if isinstance(a, TensorDescriptor)
                       else type(a) for a in args])
 
-    def __call__(self, grid: tuple, args: tuple, constexprs: dict, num_warps: int = 4, num_stages: int = 3) -> None:
+    def __call__(self, grid: tuple, args: tuple, constexprs: dict, num_warps: int = 4, num_stages: int = 3,
+                 maxnreg: int | None = None) -> None:
+        options = dict(num_warps=num_warps, num_stages=num_stages) | ({"maxnreg": maxnreg} if maxnreg else {})
         if not self.direct:
-            self.kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+            self.kernel[grid](*args, **constexprs, **options)
             return
         values = tuple([constexprs[name] for name in self.constexpr_names])
         device = torch.cuda.current_device()
-        key = (values, num_warps, num_stages, device, self._specialisation(args))
+        key = (values, num_warps, num_stages, maxnreg, device, self._specialisation(args))
         compiled = self.compiled.get(key)
         if compiled is None:
-            self.compiled[key] = self.kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+            self.compiled[key] = self.kernel[grid](*args, **constexprs, **options)
             return
         grid = tuple(grid) + (1,) * (3 - len(grid))
         if knobs is not None and not _has_hooks(knobs.runtime.launch_enter_hook) \
@@ -168,12 +173,13 @@ class Tuner:
     def choices(self) -> list[dict]:
         """What was chosen so far, readable: the benchmark records it beside its timings."""
         return [{"key": dict(zip(TUNING_KEY_FIELDS, map(str, key))),
-                 "config": {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}}
+                 "config": {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages,
+                            **({"maxnreg": config.maxnreg} if config.maxnreg else {})}}
                 for key, config in self.chosen.items()]
 
     def _run(self, config, grid, args, constexprs):
         meta = config.kwargs
-        self.launcher(grid(meta), args(meta), constexprs | meta, config.num_warps, config.num_stages)
+        self.launcher(grid(meta), args(meta), constexprs | meta, config.num_warps, config.num_stages, config.maxnreg)
 
     def _choose(self, dtype, grid, args, constexprs) -> triton.Config:
         candidates = [c for c in self.configs if self.fits(c, dtype)] or self.configs[-1:]
@@ -619,11 +625,12 @@ def _device_of(t: torch.Tensor):
     return torch.cuda.device(t.device)
 
 
-# Two choices made per call, each "auto" (by the H100 measurements in results/bench/NOTES.md, v7),
+# Two choices made per call, each "auto" (by the H100 measurements in results/bench/NOTES.md, v7, v10),
 # "1" (wherever possible: tests, the interpreter included) or "0" (never):
-# - TMA (Hopper and newer) for the inner loops' tiles: from 1024 keys on, in the forward only at
-#   D >= 128 (at D = 64 its forward was 6% slower, at D = 128 7% faster). Short sequences are
-#   launch-bound, and building descriptors costs host time.
+# - TMA (Hopper and newer) for the inner loops' tiles: from 1024 keys on. (v7 measured the D = 64
+#   forward 6% slower with it; v10's 2-stage tile capped at 128 registers, which spills without TMA,
+#   made it 1-4% faster than the best tile without.) Short sequences are launch-bound, and
+#   building descriptors costs host time.
 # - dq by atomic adds (see _atomic_dq): from 1024 keys on, at D <= 64 (6% faster forward+backward
 #   there; 10% slower at D = 128, where the extra (BLOCK_M1, D) fp32 tile costs registers).
 TMA = os.environ.get("RBF_LITE_TMA", "auto")
@@ -666,7 +673,7 @@ def _forward(q, k, v, causal: bool, scale: float, normalize: bool):
     M = k.shape[2]
     out = torch.empty((B, H, N, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
-    tma = _use_tma(M >= LONG_KEYS and D >= 128, k, v)
+    tma = _use_tma(M >= LONG_KEYS, k, v)
     # Launch-bound: the kernel computes (and writes) the key norms itself. Not together with TMA, a
     # combination "auto" never makes and that crashed ptxas (Triton 3.6, D = 128) when forced.
     inline_norms = M < LONG_KEYS and not tma
