@@ -115,16 +115,15 @@ class CompiledLauncher:
 
     def __call__(self, grid: tuple, args: tuple, constexprs: dict, num_warps: int = 4, num_stages: int = 3,
                  maxnreg: int | None = None) -> None:
-        options = dict(num_warps=num_warps, num_stages=num_stages) | ({"maxnreg": maxnreg} if maxnreg else {})
         if not self.direct:
-            self.kernel[grid](*args, **constexprs, **options)
+            self.kernel[grid](*args, **constexprs, **_options(num_warps, num_stages, maxnreg))
             return
         values = tuple([constexprs[name] for name in self.constexpr_names])
         device = torch.cuda.current_device()
         key = (values, num_warps, num_stages, maxnreg, device, self._specialisation(args))
         compiled = self.compiled.get(key)
         if compiled is None:
-            self.compiled[key] = self.kernel[grid](*args, **constexprs, **options)
+            self.compiled[key] = self.kernel[grid](*args, **constexprs, **_options(num_warps, num_stages, maxnreg))
             return
         grid = tuple(grid) + (1,) * (3 - len(grid))
         if knobs is not None and not _has_hooks(knobs.runtime.launch_enter_hook) \
@@ -134,6 +133,11 @@ class CompiledLauncher:
                          compiled.packed_metadata, None, None, None, *args, *values)
         else:  # a profiler's launch hooks: let Triton call them
             compiled[grid](*args, *values)
+
+
+def _options(num_warps: int, num_stages: int, maxnreg: int | None) -> dict:
+    """Compile options for the JIT; only its path builds them, not the cached launches."""
+    return dict(num_warps=num_warps, num_stages=num_stages) | ({"maxnreg": maxnreg} if maxnreg else {})
 
 
 def cdiv(a: int, b: int) -> int:
