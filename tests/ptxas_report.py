@@ -2,7 +2,7 @@
 
 Run as a script, outside Triton's interpreter (the test that uses it starts it in a subprocess):
 
-    python tests/ptxas_report.py fwd|fwd-bounded|bwd CAUSAL
+    python tests/ptxas_report.py fwd|bwd CAUSAL
 
 It builds the kernel as the JIT would for B2 H16 N8192 D128 bf16 contiguous inputs read through TMA
 (every integer argument divisible by 16 marked so, unit strides folded to constants), runs the ptxas
@@ -52,18 +52,16 @@ def compile_like_jit(kernel, args: dict, constexprs: dict, num_warps: int, num_s
 
 
 def kernel_build(direction: str, causal: bool):
-    """The tuned tiles at D = 128: forward 128 x 128 (8 warps, 3 stages; with the bounded softmax, 2
-    stages), backward 64 x 64 (4 warps, 2 stages)."""
+    """The tuned tiles at D = 128: forward 128 x 128 (8 warps, 3 stages), backward 64 x 64 (4 warps, 2 stages)."""
     B, H, N, D = 2, 16, 8192, 128
     x = torch.empty(B, H, N, D, dtype=torch.bfloat16)
     rows = torch.empty(B, H, N)
-    if direction in ("fwd", "fwd-bounded"):
+    if direction == "fwd":
         keys = ra._descriptor(x, 128)
         values = (x, keys, keys, rows, x, rows, *x.stride() * 4, H, N, N, 0.3, 0.2)
-        bounded = direction == "fwd-bounded"
         constexprs = dict(HEAD_DIM=D, CAUSAL=causal, DOT_PRECISION="tf32", NORMALIZED=True, TMA=True,
-                          INLINE_NORMS=False, BLOCK_M=128, BLOCK_N=128, BOUNDED=bounded)
-        return ra._fwd_kernel, values, constexprs, 8, 2 if bounded else 3
+                          INLINE_NORMS=False, BLOCK_M=128, BLOCK_N=128)
+        return ra._fwd_kernel, values, constexprs, 8, 3
     tiles = ra._descriptor(x, 64)
     values = (x, x, x, rows, x, x, rows, rows, x, x, x, tiles, tiles, tiles, tiles, *x.stride() * 7,
               H, N, N, 0.3, 0.2, 0.1)

@@ -198,7 +198,7 @@ def test_tuner_keeps_each_candidates_best_of_two_rounds(monkeypatch):
     from triton.runtime.errors import OutOfResources
     from rbf_lite.kernels import rbf_attention as kernel
     configs = kernel.TUNED_FWD_CONFIGS[:3]
-    tuner = kernel.Tuner(kernel._fwd_kernel, configs, lambda config, dtype, constexprs: True)
+    tuner = kernel.Tuner(kernel._fwd_kernel, configs, lambda config, dtype: True)
     timed = []
     monkeypatch.setattr(tuner, "_run", lambda config, grid, args, constexprs: timed.append(config))
     # Calls in order: 0, 1, 2 (too large), then reversed: 1, 0 (2 is not retried).
@@ -220,18 +220,6 @@ def test_tuner_keeps_each_candidates_best_of_two_rounds(monkeypatch):
     assert choice["key"]["head_dim"] == "64" and choice["key"]["causal"] == "True"
     assert choice["config"] == {**configs[0].kwargs, "num_warps": configs[0].num_warps,
                                 "num_stages": configs[0].num_stages}
-
-
-def test_bounded_softmax_only_where_it_is_exact():
-    """The tuner offers the bounded softmax for normalised bf16 and fp32 attention only: fp16 weights
-    cannot hold its range (up to 2^32), and without normalisation there is no softmax."""
-    from rbf_lite.kernels import rbf_attention as kernel
-    bounded = [c for c in kernel.TUNED_FWD_CONFIGS if c.kwargs["BOUNDED"]]
-    assert bounded and kernel.TUNED_FWD_CONFIGS[-1] not in bounded
-    for dtype, normalize, offered in [(torch.bfloat16, True, True), (torch.float32, True, True),
-                                      (torch.float16, True, False), (torch.bfloat16, False, False)]:
-        assert all(kernel._fits_fwd(c, dtype, {"NORMALIZED": normalize}) == offered
-                   for c in bounded if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 or dtype != torch.float32)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="autotuning times configurations on a GPU")
@@ -289,44 +277,6 @@ def test_large_key_norms_stay_finite(dtype, causal, device):
         assert (g.double() - w).norm().item() < bound, f"{name}: error {(g.double() - w).norm():.2e} >= {bound:.2e}"
 
 
-@pytest.fixture
-def bounded_forward(monkeypatch):
-    """Force the forward's bounded softmax (see _fwd_kernel), a candidate the tuner takes for bf16 and
-    fp32 where it is faster, on a small lopsided tile (BLOCK_M != BLOCK_N, as in the interpreter)."""
-    import triton
-    from rbf_lite.kernels import rbf_attention as kernel
-    config = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BOUNDED": True}, num_warps=4, num_stages=1)
-    monkeypatch.setattr(kernel.FWD_TUNER, "configs", [config])
-    monkeypatch.setattr(kernel.FWD_TUNER, "chosen", {})
-
-
-@needs_triton
-@pytest.mark.parametrize("tma", ["0", "1"])
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("head_dim", [16, 64])
-@pytest.mark.parametrize("n_q, n_k", [(1, 1), (17, 17), (100, 100), (257, 257), (40, 71)])
-def test_bounded_softmax_matches_float64_reference(n_q, n_k, head_dim, causal, tma, device, bounded_forward,
-                                                   monkeypatch):
-    from rbf_lite.kernels import rbf_attention as kernel
-    monkeypatch.setattr(kernel, "TMA", tma)
-    q = torch.randn(2, 2, n_q, head_dim, device=device)
-    k, v = (torch.randn(2, 2, n_k, head_dim, device=device) for _ in range(2))
-    check_against_float64(q, k, v, causal)
-
-
-@needs_triton
-@pytest.mark.parametrize("causal", [True, False])
-def test_bounded_softmax_keeps_online_max_for_far_queries(causal, device, bounded_forward):
-    """Query blocks where some query is far from its first keys (here: from every key) run the online
-    softmax after the first block; blocks of ordinary queries the bounded one. Both in one input:
-    rows 0-31 ordinary, a far query in rows 32-63."""
-    d, n = 32, 80
-    k, v = torch.randn(1, 2, n, d, device=device), torch.randn(1, 2, n, d, device=device)
-    q = torch.randn(1, 2, n, d, device=device)
-    q[:, :, 40] += 15 * torch.nn.functional.normalize(torch.randn(d, device=device), dim=0) * d ** 0.5
-    check_against_float64(q, k, v, causal)
-
-
 @needs_triton
 @pytest.mark.parametrize("causal", [True, False])
 def test_rows_far_from_every_key(causal, device):
@@ -363,15 +313,12 @@ def test_custom_scale(device):
 @pytest.mark.skipif(not torch.cuda.is_available() or not triton_available(),
                     reason="bf16 runs on the GPU only: the Triton interpreter's tl.dot multiplies raw bf16 "
                            "bit patterns (triton-lang/triton#11584, 'not supported yet')")
-@pytest.mark.parametrize("bounded", [False, True])
 @pytest.mark.parametrize("tma", ["0", "1"])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_bfloat16_on_gpu(causal, head_dim, tma, bounded, request, monkeypatch):
+def test_bfloat16_on_gpu(causal, head_dim, tma, monkeypatch):
     from rbf_lite.kernels import rbf_attention as kernel
     monkeypatch.setattr(kernel, "TMA", tma)
-    if bounded:
-        request.getfixturevalue("bounded_forward")
     q, k, v = (torch.randn(2, 4, 300, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     check_against_float64(q, k, v, causal)
 

@@ -47,26 +47,16 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from ..rbf import _capability
 
 LOG2E = 1.4426950408889634
-# The bounded softmax (see _fwd_kernel): weights are at most 2^32 (so an fp32 accumulator overflows
-# only for values beyond ~1e22), and the largest of a row at least 2^-60 (so its bf16 weights stay
-# far from the underflow at 2^-126).
-BOUND_HEADROOM = tl.constexpr(32.0)
-BOUND_SPAN = tl.constexpr(60.0)
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Autotuning candidates, in one list per kernel, smallest tiles last.
 # maxnreg caps the registers per thread: at D = 64, (64, 128) tiles with 2 stages read through TMA fit
 # 3 programs per SM at 128 registers (without spilling) instead of 2 at 182: a 1-4% faster forward.
-# BOUNDED selects the forward's bounded softmax (see _fwd_kernel) for bf16 and fp32: 5-10% faster on
-# the two tiles listed with it, slower on the others (results/bench/NOTES.md, v11).
 TUNED_FWD_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BOUNDED": bd}, num_warps=w, num_stages=s, maxnreg=r)
-    for bm, bn, w, s, r, bd in [(128, 64, 4, 3, None, False), (128, 64, 4, 4, None, False),
-                                (128, 64, 8, 3, None, False), (128, 128, 8, 3, None, False),
-                                (128, 128, 8, 2, None, False), (128, 128, 8, 2, None, True),
-                                (64, 128, 4, 3, None, False), (64, 128, 4, 3, None, True),
-                                (64, 128, 4, 2, 128, False), (128, 32, 4, 4, None, False),
-                                (64, 64, 4, 3, None, False), (64, 32, 4, 2, None, False)]
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, maxnreg=r)
+    for bm, bn, w, s, r in [(128, 64, 4, 3, None), (128, 64, 4, 4, None), (128, 64, 8, 3, None),
+                            (128, 128, 8, 3, None), (128, 128, 8, 2, None), (64, 128, 4, 3, None),
+                            (64, 128, 4, 2, 128), (128, 32, 4, 4, None), (64, 64, 4, 3, None), (64, 32, 4, 2, None)]
 ]
 TUNED_BWD_CONFIGS = [
     triton.Config({"BLOCK_M1": m1, "BLOCK_N1": n1, "BLOCK_M2": m2, "BLOCK_N2": n2}, num_warps=w, num_stages=s)
@@ -77,7 +67,7 @@ TUNED_BWD_CONFIGS = [
 if INTERPRETING:
     # One small, lopsided configuration: fast on the CPU, and BLOCK_M != BLOCK_N exercises every
     # boundary case of the stage split.
-    FWD_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BOUNDED": False}, num_warps=4, num_stages=1)]
+    FWD_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     BWD_CONFIGS = [triton.Config({"BLOCK_M1": 16, "BLOCK_N1": 32, "BLOCK_M2": 32, "BLOCK_N2": 16},
                                  num_warps=4, num_stages=1)]
 elif os.environ.get("RBF_LITE_AUTOTUNE") == "0":
@@ -87,15 +77,12 @@ else:
     FWD_CONFIGS, BWD_CONFIGS = TUNED_FWD_CONFIGS, TUNED_BWD_CONFIGS
 
 
-def _fits_fwd(config: triton.Config, dtype: torch.dtype, constexprs: dict) -> bool:
-    """fp32 tiles are twice as large: keep only the configurations that fit in shared memory. The
-    bounded softmax needs normalisation, and a wider range for the weights than fp16's."""
-    if config.kwargs["BOUNDED"] and (dtype == torch.float16 or not constexprs["NORMALIZED"]):
-        return False
+def _fits_fwd(config: triton.Config, dtype: torch.dtype) -> bool:
+    """fp32 tiles are twice as large: keep only the configurations that fit in shared memory."""
     return dtype != torch.float32 or config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] <= 64 * 64
 
 
-def _fits_bwd(config: triton.Config, dtype: torch.dtype, constexprs: dict) -> bool:
+def _fits_bwd(config: triton.Config, dtype: torch.dtype) -> bool:
     return dtype != torch.float32 or config.kwargs["BLOCK_N1"] <= 64
 
 
@@ -199,7 +186,7 @@ class Tuner:
         self.launcher(grid(meta), args(meta), constexprs | meta, config.num_warps, config.num_stages, config.maxnreg)
 
     def _choose(self, dtype, grid, args, constexprs) -> triton.Config:
-        candidates = [c for c in self.configs if self.fits(c, dtype, constexprs)] or self.configs[-1:]
+        candidates = [c for c in self.configs if self.fits(c, dtype)] or self.configs[-1:]
         if len(candidates) == 1:
             return candidates[0]
         from triton.testing import do_bench
@@ -312,22 +299,16 @@ def _masked_first(lo, hi, masked_lo, masked_hi, MASKED_FIRST: tl.constexpr):
 def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, kn_base, store_norms, b, h, stride_kn, stride_kd, stride_vn,
                stride_vd, offs_m, lo, hi, causal_offset, N_K, qk_scale, kn_scale,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, NORMALIZED: tl.constexpr, ONLINE_MAX: tl.constexpr, TMA: tl.constexpr,
-               INLINE_NORMS: tl.constexpr, STAGES: tl.constexpr = None, SUM_BY_DOT: tl.constexpr = False):
+               DOT_PRECISION: tl.constexpr, NORMALIZED: tl.constexpr, TMA: tl.constexpr, INLINE_NORMS: tl.constexpr):
     """Accumulate over key blocks [lo, hi); MASKED blocks check bounds and causality.
 
-    ONLINE_MAX: online softmax (running max m_i, rescaled sum l_i and accumulator). Otherwise m_i is a
-    fixed offset per row (see _fwd_kernel), and p = exp2(s - m_i) is accumulated as is.
-    With NORMALIZED the weights are summed into l_i; with SUM_BY_DOT by a product with a (BLOCK_N, 16)
-    tile of ones, into 16 equal columns: the sum of the weights as rounded for P V, so that their
-    rounding cancels in the normalisation.
+    NORMALIZED: online softmax (running max m_i and sum l_i). Otherwise m_i is the row's own
+    c||q_i||^2 (base 2), s - m_i is the true score -c||q_i - k_j||^2 <= 0, and its exp is summed as is.
     Key norms are read from kn_base, or with INLINE_NORMS computed from each key tile (and written
-    to kn_base where store_norms is true). STAGES: the loop's pipeline depth (None: the kernel's).
+    to kn_base where store_norms is true).
     """
     offs_n = tl.arange(0, BLOCK_N)
-    if SUM_BY_DOT:
-        ones = tl.full([BLOCK_N, 16], 1.0, dtype=q.dtype)
-    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
+    for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         in_bounds = cols < N_K
         k_tile = _rows(k_src, b, h, start_n, N_K, stride_kn, stride_kd, BLOCK_N, HEAD_DIM, MASKED, TMA)
@@ -346,25 +327,18 @@ def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, kn_base, store_norms, b, h, strid
                 visible = visible & (offs_m[:, None] + causal_offset >= cols[None, :])
             s = tl.where(visible, s, float("-inf"))
         v = _rows(v_src, b, h, start_n, N_K, stride_vn, stride_vd, BLOCK_N, HEAD_DIM, MASKED, TMA)
-        if ONLINE_MAX:
+        if NORMALIZED:
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # A row that has seen no visible key yet (possible in a decode chunk) keeps m = -inf:
             # subtract 0 instead, so that its exp2(-inf) terms are 0 and not NaN.
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(s - m_safe[:, None])
             alpha = tl.exp2(m_i - m_safe)
-            if SUM_BY_DOT:
-                l_i = tl.dot(p.to(v.dtype), ones, l_i * alpha[:, None], input_precision=DOT_PRECISION)
-            else:
-                l_i = l_i * alpha + tl.sum(p, 1)
+            l_i = l_i * alpha + tl.sum(p, 1)
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
             m_i = m_new
         else:
             p = tl.exp2(s - m_i[:, None])
-            if SUM_BY_DOT:
-                l_i = tl.dot(p.to(v.dtype), ones, l_i, input_precision=DOT_PRECISION)
-            elif NORMALIZED:
-                l_i += tl.sum(p, 1)
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, l_i, m_i
 
@@ -375,25 +349,12 @@ def _fwd_kernel(q, k, v, kn, out, lse,
                 H, N_Q, N_K, qk_scale, kn_scale,
                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 NORMALIZED: tl.constexpr, TMA: tl.constexpr, INLINE_NORMS: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BOUNDED: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """k and v are (B, H, N, D) tensor descriptors under TMA, pointers otherwise.
 
-    The softmax's offset per row. No score of row i exceeds c||q_i||^2 (base 2 here), since
-    s_ij = c||q_i||^2 - c||q_i - k_j||^2:
-    - Without normalisation, m_i = c||q_i||^2 and exp2(s - m_i) is the unnormalised weight itself.
-    - Normalised, the online softmax's running max, or with BOUNDED a fixed offset after the first
-      block. That block (causal: the diagonal) runs the online softmax; if then every row's max is
-      within BOUND_HEADROOM + BOUND_SPAN of its bound, the offset is fixed at max(m_i, bound -
-      BOUND_HEADROOM): no later weight can exceed 2^BOUND_HEADROOM, and each row's largest is at least
-      2^-BOUND_SPAN. The other blocks then skip what dot-product attention, having no such bound, must
-      pay: the running max, its comparison per score and its rescaling of the accumulator. A query
-      block with a query far from all its first keys keeps the online softmax. The weights are summed
-      by SUM_BY_DOT (see _fwd_inner): summed unrounded, the bounded softmax's bf16 error was 5-10%
-      above SDPA's, where the online softmax's exact largest weight, 1, keeps it below.
     INLINE_NORMS (short sequences, where a separate pre-pass costs a launch): every program computes
     the norms of the keys it visits, and the last query block, which visits them all, writes kn.
     """
-    tl.static_assert(NORMALIZED or not BOUNDED, "the bounded softmax is a softmax")
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     if CAUSAL:
         # The last query blocks have the most keys to visit: start them first so that the short
@@ -403,73 +364,36 @@ def _fwd_kernel(q, k, v, kn, out, lse,
     b64, h64 = b.to(tl.int64), h.to(tl.int64)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < N_Q
     if TMA:
         k_src, v_src = k, v
     else:
         k_src, v_src = k + b64 * skb + h64 * skh, v + b64 * svb + h64 * svh
     q_tile = _rows(q + b64 * sqb + h64 * sqh, b, h, start_m, N_Q, sqn, sqd, BLOCK_M, HEAD_DIM, True, False)
     kn_base = kn + bh.to(tl.int64) * N_K
-    bound = tl.sum(q_tile.to(tl.float32) * q_tile.to(tl.float32), 1) * kn_scale
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32) if NORMALIZED else bound
+    if NORMALIZED:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    else:
+        m_i = tl.sum(q_tile.to(tl.float32) * q_tile.to(tl.float32), 1) * kn_scale
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     causal_offset = N_K - N_Q
     lo, hi = _key_stages(start_m, N_K, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
     store_norms = start_m + BLOCK_M >= N_Q
-    if BOUNDED:
-        l_i = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
-        # Stages: the first block (causal: the diagonal) masked, the unmasked rest, and without
-        # causality the ragged end. The first is not pipelined: one or two blocks (pipelined, the
-        # non-causal 128 x 128 tile spilled registers).
-        if CAUSAL:
-            first_lo, first_hi, rest_lo, rest_hi = lo, hi, 0, lo
-        else:
-            first_lo, first_hi = 0, tl.minimum(BLOCK_N, hi)
-            rest_lo, rest_hi = first_hi, tl.maximum(lo, first_hi)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_src, v_src, kn_base, store_norms, b, h, skn, skd, svn,
-                                   svd, offs_m, first_lo, first_hi, causal_offset, N_K, qk_scale, kn_scale,
-                                   BLOCK_N, HEAD_DIM, True, CAUSAL, DOT_PRECISION, True, True, TMA, INLINE_NORMS,
-                                   STAGES=1, SUM_BY_DOT=True)
-        bounded = tl.min(tl.where(row_ok, m_i - bound, 0.0)) >= -(BOUND_HEADROOM + BOUND_SPAN)
-        if bounded:  # (a row may have seen no key yet, m_i = -inf, when the block stays online)
-            m_fixed = tl.maximum(m_i, bound - BOUND_HEADROOM)
-            alpha = tl.exp2(m_i - m_fixed)
-            acc, l_i, m_i = acc * alpha[:, None], l_i * alpha[:, None], m_fixed
-        # Both loops are always compiled, one runs no trips: the loops of an if's two branches would
-        # each get their own shared memory (Triton 3.6), more than there is.
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_src, v_src, kn_base, store_norms, b, h, skn, skd, svn,
-                                   svd, offs_m, rest_lo, tl.where(bounded, rest_hi, rest_lo), causal_offset, N_K,
-                                   qk_scale, kn_scale, BLOCK_N, HEAD_DIM, False, CAUSAL, DOT_PRECISION, True, False,
-                                   TMA, INLINE_NORMS, SUM_BY_DOT=True)
-        if not bounded:
-            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_src, v_src, kn_base, store_norms, b, h, skn, skd,
-                                       svn, svd, offs_m, rest_lo, rest_hi, causal_offset, N_K, qk_scale, kn_scale,
-                                       BLOCK_N, HEAD_DIM, False, CAUSAL, DOT_PRECISION, True, True, TMA,
-                                       INLINE_NORMS, SUM_BY_DOT=True)
-        if not CAUSAL:  # the ragged end, at most one block, online (from either offset)
-            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_src, v_src, kn_base, store_norms, b, h, skn, skd,
-                                       svn, svd, offs_m, rest_hi, hi, causal_offset, N_K, qk_scale, kn_scale,
-                                       BLOCK_N, HEAD_DIM, True, CAUSAL, DOT_PRECISION, True, True, TMA,
-                                       INLINE_NORMS, SUM_BY_DOT=True)
-        l_i = tl.max(l_i, 1)  # 16 equal columns
-    else:
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        # Causal rows visit their masked stage (the diagonal) first: see _masked_first.
-        first_lo, first_hi = _masked_first(0, lo, lo, hi, CAUSAL)
-        second_lo, second_hi = _masked_first(lo, hi, 0, lo, CAUSAL)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_src, v_src, kn_base, store_norms, b, h, skn, skd, svn,
-                                   svd, offs_m, first_lo, first_hi, causal_offset, N_K, qk_scale, kn_scale,
-                                   BLOCK_N, HEAD_DIM, CAUSAL, CAUSAL, DOT_PRECISION, NORMALIZED, NORMALIZED, TMA,
-                                   INLINE_NORMS)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_src, v_src, kn_base, store_norms, b, h, skn, skd, svn,
-                                   svd, offs_m, second_lo, second_hi, causal_offset, N_K, qk_scale, kn_scale,
-                                   BLOCK_N, HEAD_DIM, not CAUSAL, CAUSAL, DOT_PRECISION, NORMALIZED, NORMALIZED, TMA,
-                                   INLINE_NORMS)
+    # Causal rows visit their masked stage (the diagonal) first: see _masked_first.
+    first_lo, first_hi = _masked_first(0, lo, lo, hi, CAUSAL)
+    second_lo, second_hi = _masked_first(lo, hi, 0, lo, CAUSAL)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_src, v_src, kn_base, store_norms, b, h, skn, skd, svn, svd,
+                               offs_m, first_lo, first_hi, causal_offset, N_K, qk_scale, kn_scale,
+                               BLOCK_N, HEAD_DIM, CAUSAL, CAUSAL, DOT_PRECISION, NORMALIZED, TMA, INLINE_NORMS)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_src, v_src, kn_base, store_norms, b, h, skn, skd, svn, svd,
+                               offs_m, second_lo, second_hi, causal_offset, N_K, qk_scale, kn_scale,
+                               BLOCK_N, HEAD_DIM, not CAUSAL, CAUSAL, DOT_PRECISION, NORMALIZED, TMA, INLINE_NORMS)
     if NORMALIZED:
         acc = acc / l_i[:, None]
         m_i = m_i + tl.log2(l_i)
     # What the backward subtracts from a base-2 score to get log2 P: the log-sum-exp, or c||q_i||^2.
+    row_ok = offs_m < N_Q
     tl.store(lse + bh.to(tl.int64) * N_Q + offs_m, m_i, mask=row_ok)
     tl.store(out + b64 * sob + h64 * soh + offs_m[:, None] * son + tl.arange(0, HEAD_DIM)[None, :] * sod,
              acc.to(out.dtype.element_ty), mask=row_ok[:, None])

@@ -52,10 +52,10 @@ def _decode_partial_kernel(q, k, v, kn, part_out, part_lse,
     kn_base = kn + b * snb + h * snh
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_base, v_base, kn_base, False, b, h, skn, skd, svn, svd,
                                offs_m, start, split, causal_offset, N_K, qk_scale, kn_scale,
-                               BLOCK_N, HEAD_DIM, False, True, DOT_PRECISION, True, True, False, False)
+                               BLOCK_N, HEAD_DIM, False, True, DOT_PRECISION, True, False, False)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_base, v_base, kn_base, False, b, h, skn, skd, svn, svd,
                                offs_m, split, end, causal_offset, N_K, qk_scale, kn_scale,
-                               BLOCK_N, HEAD_DIM, True, True, DOT_PRECISION, True, True, False, False)
+                               BLOCK_N, HEAD_DIM, True, True, DOT_PRECISION, True, False, False)
     seen = l_i > 0  # a query may see no key of this chunk: it contributes nothing
     out = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
     lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
