@@ -310,6 +310,26 @@ def test_custom_scale(device):
     check_against_float64(q, k, v, causal=True, scale=0.7)
 
 
+
+@needs_triton
+def test_calls_without_gradients_skip_autograd(device, monkeypatch):
+    """Inference calls go straight to the forward kernel (autograd costs host time per call); calls
+    that record gradients still get them. Both give the same output."""
+    from rbf_lite.kernels import rbf_attention as kernel
+    q, k, v = (torch.randn(1, 2, 37, 32, device=device) for _ in range(3))
+    recorded, apply = [], kernel._EagerRBFAttention.apply
+    monkeypatch.setattr(kernel._EagerRBFAttention, "apply", lambda *a: recorded.append(a) or apply(*a))
+    with torch.no_grad():
+        out_no_grad = rbf_attention(q, k, v, backend="triton")
+    out_plain = rbf_attention(q, k, v, backend="triton")  # grad mode on, but no input requires grad
+    assert not recorded and out_no_grad.grad_fn is None and out_plain.grad_fn is None
+    q.requires_grad_(True)
+    out = rbf_attention(q, k, v, backend="triton")
+    assert len(recorded) == 1 and out.grad_fn is not None
+    torch.testing.assert_close(out.detach(), out_no_grad, rtol=0, atol=0)
+    (dq,) = torch.autograd.grad(out.sum(), q)
+    assert torch.isfinite(dq).all() and dq.abs().sum() > 0
+
 @pytest.mark.skipif(not torch.cuda.is_available() or not triton_available(),
                     reason="bf16 runs on the GPU only: the Triton interpreter's tl.dot multiplies raw bf16 "
                            "bit patterns (triton-lang/triton#11584, 'not supported yet')")

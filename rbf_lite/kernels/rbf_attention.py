@@ -108,8 +108,9 @@ class CompiledLauncher:
 
     @staticmethod
     def _specialisation(args) -> tuple:
-        return tuple([(a.data_ptr() & 15, a.dtype) if isinstance(a, torch.Tensor)
-                      else (a if a <= 1 or a >= 2 ** 31 else 16 + (a & 15)) if type(a) is int
+        # Integers first: most arguments are strides and sizes, and this runs on every launch.
+        return tuple([(a if a <= 1 or a >= 2 ** 31 else 16 + (a & 15)) if type(a) is int
+                      else (a.data_ptr() & 15, a.dtype) if isinstance(a, torch.Tensor)
                       else (a.base.dtype, tuple(a.block_shape)) if isinstance(a, TensorDescriptor)
                       else type(a) for a in args])
 
@@ -629,17 +630,20 @@ def _device_of(t: torch.Tensor):
     return torch.cuda.device(t.device)
 
 
-# Two choices made per call, each "auto" (by the H100 measurements in results/bench/NOTES.md, v7, v10),
-# "1" (wherever possible: tests, the interpreter included) or "0" (never):
-# - TMA (Hopper and newer) for the inner loops' tiles: from 1024 keys on. (v7 measured the D = 64
-#   forward 6% slower with it; v10's 2-stage tile capped at 128 registers, which spills without TMA,
-#   made it 1-4% faster than the best tile without.) Short sequences are launch-bound, and
-#   building descriptors costs host time.
-# - dq by atomic adds (see _atomic_dq): from 1024 keys on, at D <= 64 (6% faster forward+backward
-#   there; 10% slower at D = 128, where the extra (BLOCK_M1, D) fp32 tile costs registers).
+# Long sequences (LONG_KEYS keys or more) take the path built for GPU-bound work: key norms and Delta
+# in pre-pass launches, and two choices made per call, each "auto" (by the H100 measurements in
+# results/bench/NOTES.md, v7, v10, v12), "1" (wherever possible: tests, the interpreter included) or
+# "0" (never):
+# - TMA (Hopper and newer) for the inner loops' tiles. (v7 measured the D = 64 forward 6% slower with
+#   it; v10's 2-stage tile capped at 128 registers, which spills without TMA, made it 1-4% faster than
+#   the best tile without.) Building descriptors costs host time.
+# - dq by atomic adds (see _atomic_dq), at D <= 64 (6% faster forward+backward there; 10% slower at
+#   D = 128, where the extra (BLOCK_M1, D) fp32 tile costs registers).
+# Shorter sequences are launch-bound: one launch per direction, no descriptors (v12: time per call,
+# host included, 0.5-0.8x the long path's at 1024 keys and 0.5-1.0x at 2048, forward and forward+backward).
 TMA = os.environ.get("RBF_LITE_TMA", "auto")
 ATOMIC_DQ = os.environ.get("RBF_LITE_ATOMIC_DQ", "auto")
-LONG_KEYS = 1024
+LONG_KEYS = 4096
 
 
 def _use_tma(auto: bool, *tensors: torch.Tensor) -> bool:
@@ -813,8 +817,11 @@ def rbf_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: 
     """The fused attention; inputs are assumed validated by `rbf_lite.rbf_attention`.
 
     Under torch.compile the custom op is traced as one node; in eager mode an autograd.Function
-    runs the same forward and backward with less overhead per call.
+    runs the same forward and backward with less overhead per call, and a call that records no
+    gradient (inference, generation) skips autograd altogether.
     """
     if torch.compiler.is_compiling():
         return rbf_attention_fwd(q, k, v, causal, scale, normalize)[0]
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        return _forward(q, k, v, causal, scale, normalize)[0]
     return _EagerRBFAttention.apply(q, k, v, causal, scale, normalize)
