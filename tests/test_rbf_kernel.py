@@ -310,7 +310,6 @@ def test_custom_scale(device):
     check_against_float64(q, k, v, causal=True, scale=0.7)
 
 
-
 @needs_triton
 def test_calls_without_gradients_skip_autograd(device, monkeypatch):
     """Inference calls go straight to the forward kernel (autograd costs host time per call); calls
@@ -329,6 +328,7 @@ def test_calls_without_gradients_skip_autograd(device, monkeypatch):
     torch.testing.assert_close(out.detach(), out_no_grad, rtol=0, atol=0)
     (dq,) = torch.autograd.grad(out.sum(), q)
     assert torch.isfinite(dq).all() and dq.abs().sum() > 0
+
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not triton_available(),
                     reason="bf16 runs on the GPU only: the Triton interpreter's tl.dot multiplies raw bf16 "
