@@ -60,7 +60,7 @@ def kernel_build(direction: str, causal: bool):
         keys = ra._descriptor(x, 128)
         values = (x, keys, keys, rows, x, rows, *x.stride() * 4, H, N, N, 0.3, 0.2)
         constexprs = dict(HEAD_DIM=D, CAUSAL=causal, DOT_PRECISION="tf32", NORMALIZED=True, TMA=True,
-                          INLINE_NORMS=False, BLOCK_M=128, BLOCK_N=128)
+                          INLINE_NORMS=False, BLOCK_M=128, BLOCK_N=128, MASKED_FIRST=False)
         return ra._fwd_kernel, values, constexprs, 8, 3
     tiles = ra._descriptor(x, 64)
     values = (x, x, x, rows, x, x, rows, rows, x, x, x, tiles, tiles, tiles, tiles, *x.stride() * 7,

@@ -119,6 +119,24 @@ def test_short_and_long_sequence_paths(n_q, n_k, causal, normalize, long, device
     torch.testing.assert_close(key_norms, k.square().sum(-1), rtol=1e-5, atol=1e-5)
 
 
+@needs_triton
+@pytest.mark.parametrize("tma", ["0", "1"])
+@pytest.mark.parametrize("masked_first", [False, True])
+@pytest.mark.parametrize("n_q, n_k", [(17, 17), (40, 71), (48, 64)])
+def test_forward_stage_order(n_q, n_k, masked_first, tma, device, monkeypatch):
+    """A non-causal forward may visit the ragged end of the keys before the whole blocks (a tuning
+    choice, MASKED_FIRST): either order computes the same attention, including with no ragged end."""
+    from triton import Config
+    from rbf_lite.kernels import rbf_attention as kernel
+    config = Config({"BLOCK_M": 32, "BLOCK_N": 16, "MASKED_FIRST": masked_first}, num_warps=4, num_stages=1)
+    monkeypatch.setattr(kernel, "FWD_TUNER", kernel.Tuner(kernel._fwd_kernel, [config], kernel._fits_fwd))
+    monkeypatch.setattr(kernel, "TMA", tma)
+    q = torch.randn(2, 2, n_q, 32, device=device)
+    k, v = (torch.randn(2, 2, n_k, 32, device=device) for _ in range(2))
+    check_against_float64(q, k, v, causal=False)
+    assert kernel.FWD_TUNER.chosen, "the forward should have run with the forced configuration"
+
+
 @pytest.fixture
 def tma_descriptors(monkeypatch):
     """Force the TMA path (the interpreter runs it too) and record each descriptor's tile rows."""

@@ -53,13 +53,17 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 # maxnreg caps the registers per thread so that more programs share an SM, each with its own barriers:
 # at D = 64, (64, 128) tiles with 2 stages read through TMA fit 3 programs per SM at 128 registers
 # (without spilling) instead of 2 at 182, a 1-4% faster forward; 8-warp tiles with 2 stages fit 2 per
-# SM instead of 1 (at D = 128, (128, 64): 3-7% faster than the best tile before it, non-causal).
+# SM instead of 1 (at D = 128, (128, 64) with its masked stage first: 7-12% faster than the best tile
+# before it, non-causal).
+# MASKED_FIRST: whether a non-causal program visits its masked stage (the ragged end) before the whole
+# key blocks; causal programs always do (see _masked_first). Faster for some tiles, slower for others.
 TUNED_FWD_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, maxnreg=r)
-    for bm, bn, w, s, r in [(128, 64, 4, 3, None), (128, 64, 4, 4, None), (128, 64, 8, 3, None),
-                            (128, 128, 8, 3, None), (128, 128, 8, 2, None), (128, 128, 8, 2, 128),
-                            (128, 64, 8, 2, 128), (64, 128, 4, 3, None), (64, 128, 4, 2, 128),
-                            (128, 32, 4, 4, None), (64, 64, 4, 3, None), (64, 32, 4, 2, None)]
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "MASKED_FIRST": first}, num_warps=w, num_stages=s, maxnreg=r)
+    for bm, bn, w, s, r, first in [
+        (128, 64, 4, 3, None, False), (128, 64, 4, 4, None, False), (128, 64, 8, 3, None, False),
+        (128, 128, 8, 3, None, False), (128, 128, 8, 2, None, False), (128, 128, 8, 2, 128, False),
+        (128, 64, 8, 2, 128, True), (64, 128, 4, 3, None, False), (64, 128, 4, 2, 128, False),
+        (128, 32, 4, 4, None, False), (64, 64, 4, 3, None, False), (64, 32, 4, 2, None, False)]
 ]
 TUNED_BWD_CONFIGS = [
     triton.Config({"BLOCK_M1": m1, "BLOCK_N1": n1, "BLOCK_M2": m2, "BLOCK_N2": n2}, num_warps=w, num_stages=s)
@@ -70,7 +74,7 @@ TUNED_BWD_CONFIGS = [
 if INTERPRETING:
     # One small, lopsided configuration: fast on the CPU, and BLOCK_M != BLOCK_N exercises every
     # boundary case of the stage split.
-    FWD_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    FWD_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "MASKED_FIRST": False}, num_warps=4, num_stages=1)]
     BWD_CONFIGS = [triton.Config({"BLOCK_M1": 16, "BLOCK_N1": 32, "BLOCK_M2": 32, "BLOCK_N2": 16},
                                  num_warps=4, num_stages=1)]
 elif os.environ.get("RBF_LITE_AUTOTUNE") == "0":
@@ -291,8 +295,8 @@ def _masked_first(lo, hi, masked_lo, masked_hi, MASKED_FIRST: tl.constexpr):
     sm_90a) serialised every wgmma of the kernel (advisory C7515: on the path that skips that loop the
     accumulator registers are written while a product may be in flight), each matrix product waiting
     for the previous one; in that order the causal forward+backward at D = 128 took 13-15% longer and
-    the causal forward 1-9%. Non-causal kernels measured no faster in the other order (D = 64 slower),
-    so they keep theirs.
+    the causal forward 1-9%. Non-causal kernels measured no faster in the other order on most tiles
+    (D = 64 slower), so there it is the forward configuration's choice (MASKED_FIRST).
     """
     if MASKED_FIRST:
         return masked_lo, masked_hi
@@ -353,7 +357,7 @@ def _fwd_kernel(q, k, v, kn, out, lse,
                 H, N_Q, N_K, qk_scale, kn_scale,
                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 NORMALIZED: tl.constexpr, TMA: tl.constexpr, INLINE_NORMS: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED_FIRST: tl.constexpr):
     """k and v are (B, H, N, D) tensor descriptors under TMA, pointers otherwise.
 
     INLINE_NORMS (short sequences, where a separate pre-pass costs a launch): every program computes
@@ -384,15 +388,18 @@ def _fwd_kernel(q, k, v, kn, out, lse,
     causal_offset = N_K - N_Q
     lo, hi = _key_stages(start_m, N_K, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
     store_norms = start_m + BLOCK_M >= N_Q
-    # Causal rows visit their masked stage (the diagonal) first: see _masked_first.
-    first_lo, first_hi = _masked_first(0, lo, lo, hi, CAUSAL)
-    second_lo, second_hi = _masked_first(lo, hi, 0, lo, CAUSAL)
+    # Causal rows visit their masked stage (the diagonal) first, others where the configuration
+    # says so: see _masked_first.
+    masked_first: tl.constexpr = CAUSAL or MASKED_FIRST
+    first_lo, first_hi = _masked_first(0, lo, lo, hi, masked_first)
+    second_lo, second_hi = _masked_first(lo, hi, 0, lo, masked_first)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_src, v_src, kn_base, store_norms, b, h, skn, skd, svn, svd,
                                offs_m, first_lo, first_hi, causal_offset, N_K, qk_scale, kn_scale,
-                               BLOCK_N, HEAD_DIM, CAUSAL, CAUSAL, DOT_PRECISION, NORMALIZED, TMA, INLINE_NORMS)
+                               BLOCK_N, HEAD_DIM, masked_first, CAUSAL, DOT_PRECISION, NORMALIZED, TMA, INLINE_NORMS)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_src, v_src, kn_base, store_norms, b, h, skn, skd, svn, svd,
                                offs_m, second_lo, second_hi, causal_offset, N_K, qk_scale, kn_scale,
-                               BLOCK_N, HEAD_DIM, not CAUSAL, CAUSAL, DOT_PRECISION, NORMALIZED, TMA, INLINE_NORMS)
+                               BLOCK_N, HEAD_DIM, not masked_first, CAUSAL, DOT_PRECISION, NORMALIZED, TMA,
+                               INLINE_NORMS)
     if NORMALIZED:
         acc = acc / l_i[:, None]
         m_i = m_i + tl.log2(l_i)
