@@ -16,12 +16,19 @@ with CUDA events; at launch-bound shapes part of the host time hides behind the 
 that depends on the host's speed, so these ratios swing from run to run there. *_loop_ms: calls
 enqueued back to back and the wall time per call, host included: what a training loop of small
 operations sees. At long sequences both agree.
+
+The JSON is rewritten after each shape. `--resume` continues a run that stopped (a time limit) from the
+file it left: shapes whose every variant is there are kept, the others measured again whole, so that
+each ratio still compares timings taken in one process; only a file from the same device, versions
+and commit is continued.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -154,6 +161,40 @@ def accuracy_rows(dtypes, device="cuda"):
     return rows
 
 
+PROVENANCE = ("device", "torch", "triton", "commit")
+
+
+def resumed(previous: dict, current: dict, dtypes: list[str]) -> dict:
+    """The result to continue from `previous` (a file this benchmark wrote), stamped `current`:
+    its rows, accuracy and tuning choices; the commands of both runs."""
+    differ = [f"{key}: {previous.get(key)!r} in the file, {current[key]!r} now" for key in PROVENANCE
+              if previous.get(key) != current[key]]
+    if differ:
+        raise SystemExit("--resume continues only a run of the same device, versions and commit; " + "; ".join(differ))
+    measured = {row["dtype"] for row in previous.get("accuracy", [])}
+    if not set(dtypes) <= measured:
+        raise SystemExit(f"--resume: the file has accuracy rows for {sorted(measured)}, not for {sorted(dtypes)}")
+    return {**current, "command": previous["command"], "resumed_by": previous.get("resumed_by", []) + [current["command"]],
+            "rows": previous["rows"], "accuracy": previous["accuracy"], "tuned": previous.get("tuned", {})}
+
+
+def measured_group(rows: list[dict], b: int, h: int, n: int, d: int, dtype: str, causal: bool,
+                   variants: list[str]) -> bool:
+    """Whether every variant has a row (a timing or a recorded error) for this shape."""
+    have = {row["variant"] for row in rows if (row["b"], row["h"], row["n"], row["d"], row["dtype"], row["causal"])
+            == (b, h, n, d, dtype, causal)}
+    return set(variants) <= have
+
+
+def _merged_choices(previous: dict, tuners: dict) -> dict:
+    """Tuning choices of the earlier run and of this one (this one's win where a key repeats)."""
+    merged = {}
+    for direction, tuner in tuners.items():
+        choices = {json.dumps(c["key"], sort_keys=True): c for c in previous.get(direction, []) + tuner.choices()}
+        merged[direction] = list(choices.values())
+    return merged
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=None, help="B,H,N,D;B,H,N,D;... (default: the issue's shapes)")
@@ -162,7 +203,10 @@ def main(argv=None):
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--out", default=None, help="write the JSON here")
     parser.add_argument("--rep-ms", type=float, default=300)
+    parser.add_argument("--resume", action="store_true", help="continue the run that wrote --out (see above)")
     args = parser.parse_args(argv)
+    if args.resume and not (args.out and Path(args.out).exists()):
+        raise SystemExit(f"--resume needs the file of an earlier run as --out; not found: {args.out}")
     if not torch.cuda.is_available():
         raise SystemExit("the benchmark needs a CUDA GPU")
     shapes = DEFAULT_SHAPES if args.shapes is None else \
@@ -172,12 +216,23 @@ def main(argv=None):
     if unknown:
         raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
     causals = [c.strip().lower() == "true" for c in args.causal.split(",")]
-    result = {**environment("cuda"), "rows": [], "accuracy": accuracy_rows(args.dtypes.split(","))}
+    dtypes = args.dtypes.split(",")
+    if args.resume:
+        result = resumed(json.loads(Path(args.out).read_text()), environment("cuda"), dtypes)
+    else:
+        result = {**environment("cuda"), "rows": [], "accuracy": accuracy_rows(dtypes), "tuned": {}}
+    from ..kernels.rbf_attention import BWD_TUNER, FWD_TUNER
+    previous_choices = result["tuned"]
     print(f"{'variant':16s} {'shape':>18s} {'dtype':5s} {'causal':6s} {'fwd ms':>8s} {'f+b ms':>8s} "
           f"{'fwd x':>6s} {'f+b x':>6s} {'loop fwd x':>10s} {'loop f+b x':>10s} {'peak MiB':>9s}")
-    for dtype_name in args.dtypes.split(","):
+    for dtype_name in dtypes:
         for (b, h, n, d) in shapes:
             for causal in causals:
+                if measured_group(result["rows"], b, h, n, d, dtype_name, causal, variants):
+                    print(f"{'(kept)':16s} {f'{b}x{h}x{n}x{d}':>18s} {dtype_name:5s} {causal!s:6s}")
+                    continue
+                result["rows"] = [row for row in result["rows"] if (row["b"], row["h"], row["n"], row["d"],
+                                  row["dtype"], row["causal"]) != (b, h, n, d, dtype_name, causal)]
                 torch.manual_seed(0)
                 q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=DTYPES[dtype_name]) for _ in range(3))
                 baseline = None
@@ -203,12 +258,9 @@ def main(argv=None):
                           f"{fwdbwd_ms:8.3f} {row['fwd_vs_sdpa']:6.2f} {row['fwdbwd_vs_sdpa']:6.2f} "
                           f"{row['fwd_loop_vs_sdpa']:10.2f} {row['fwdbwd_loop_vs_sdpa']:10.2f} {peak:9.1f}", flush=True)
                 del q, k, v
+                result["tuned"] = _merged_choices(previous_choices, {"forward": FWD_TUNER, "backward": BWD_TUNER})
                 if args.out:
                     write_json(args.out, result)
-    from ..kernels.rbf_attention import BWD_TUNER, FWD_TUNER
-    result["tuned"] = {"forward": FWD_TUNER.choices(), "backward": BWD_TUNER.choices()}
-    if args.out:
-        write_json(args.out, result)
     for row in result["accuracy"]:
         print(f"accuracy {row['dtype']} D{row['d']} causal={row['causal']}: rbf_lite {row['rbf_lite_rel_err']:.2e} "
               f"vs SDPA {row['sdpa_rel_err']:.2e}")
