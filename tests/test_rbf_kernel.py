@@ -210,29 +210,35 @@ def test_atomic_dq_only_where_it_pays(monkeypatch):
     assert not kernel._atomic_dq(long, 64, normalize=True)
 
 
-def test_tuner_keeps_each_candidates_best_of_two_rounds(monkeypatch):
-    """A candidate slow in the first round (clock ramp-up) can still win; one too large is dropped."""
+def test_tuner_times_the_fastest_again_before_choosing(monkeypatch):
+    """Two short rounds keep each candidate's best time (one too large is dropped); the fastest
+    FINALISTS are timed again, longer, and that decides."""
     import triton.testing
     from triton.runtime.errors import OutOfResources
     from rbf_lite.kernels import rbf_attention as kernel
-    configs = kernel.TUNED_FWD_CONFIGS[:3]
+    configs = kernel.TUNED_FWD_CONFIGS[:4]
+    monkeypatch.setattr(kernel, "FINALISTS", 2)
     tuner = kernel.Tuner(kernel._fwd_kernel, configs, lambda config, dtype: True)
     timed = []
     monkeypatch.setattr(tuner, "_run", lambda config, grid, args, constexprs: timed.append(config))
-    # Calls in order: 0, 1, 2 (too large), then reversed: 1, 0 (2 is not retried).
-    script = iter([5.0, 2.0, None, 2.5, 1.0])
+    # Short rounds: 0, 1, 2 (too large), 3, then reversed: 3, 1, 0 (2 is not retried); best times
+    # 0: 2.5, 1: 2.0, 3: 4.0. Final rounds over 1 and 0: 1, 0, then 0, 1; best 1: 1.8, 0: 1.5.
+    script = iter([(5.0, 25), (2.0, 25), (None, 25), (4.0, 25), (4.5, 25), (2.2, 25), (2.5, 25),
+                   (1.8, 100), (1.6, 100), (1.5, 100), (1.9, 100)])
 
     def fake_do_bench(fn, warmup, rep):
         fn()
-        t = next(script)
+        t, expected_rep = next(script)
+        assert rep == expected_rep
         if t is None:
             raise OutOfResources(300_000, 232_448, "shared memory")
         return t
 
     monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
-    key = (256, 256, 64, True, True, False, torch.float16, "cuda:0")
     assert tuner._choose(torch.float16, None, None, {}) is configs[0]
-    assert timed == [configs[0], configs[1], configs[2], configs[1], configs[0]]
+    c0, c1, c2, c3 = configs
+    assert timed == [c0, c1, c2, c3, c3, c1, c0, c1, c0, c0, c1]
+    key = (256, 256, 64, True, True, False, torch.float16, "cuda:0")
     tuner.chosen[key] = configs[0]
     (choice,) = tuner.choices()
     assert choice["key"]["head_dim"] == "64" and choice["key"]["causal"] == "True"
