@@ -402,10 +402,12 @@ def test_compiled_launcher_keeps_launch_hooks():
 
 
 @needs_triton
-@pytest.mark.parametrize("n_q, n_k, chunks", [(1, 1, None), (1, 50, 3), (3, 300, 4), (16, 257, 5), (64, 130, 2)])
+@pytest.mark.parametrize("n_q, n_k, chunks", [(1, 1, None), (1, 50, 3), (3, 300, 4), (16, 257, 5), (64, 130, 2),
+                                               (5, 200, 1)])
 @pytest.mark.parametrize("head_dim", [16, 64, 128])
 def test_decode_matches_float64_reference(n_q, n_k, chunks, head_dim, device):
-    """Flash-decoding: the cache split in `chunks` (forced, to test the combine), causal queries."""
+    """Flash-decoding: the cache split in `chunks` (forced, to test the combine; with one chunk the
+    first kernel writes the output itself), causal queries."""
     from rbf_lite.kernels.rbf_decode import rbf_decode_triton
     q = torch.randn(2, 3, n_q, head_dim, device=device)
     k, v = (torch.randn(2, 3, n_k, head_dim, device=device) for _ in range(2))

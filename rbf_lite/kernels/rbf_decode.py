@@ -6,6 +6,8 @@ cut into chunks, one program per (chunk, head): each runs the same online softma
 kernel over its keys and writes a partial output normalised within the chunk and that chunk's
 log-sum-exp; a second small kernel combines the chunks by their softmax weight,
     out = sum_s 2^(lse_s - lse) o_s,  lse = log2 sum_s 2^(lse_s).
+With a single chunk (many sequences, a short cache) the first kernel writes the output itself: one
+launch per step, as SDPA's, and no partial buffers.
 Key norms ||k_j||^2 are passed in when the caller keeps them with the cache (they change only
 where keys are appended), so a step reads each cached key once and computes no norm.
 """
@@ -24,12 +26,13 @@ KEYS_PER_CHUNK_MIN = 256
 
 
 @triton.jit
-def _decode_partial_kernel(q, k, v, kn, part_out, part_lse,
-                           sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, snb, snh,
+def _decode_partial_kernel(q, k, v, kn, part_out, part_lse, out,
+                           sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, snb, snh, sob, soh, son, sod,
                            H, N_Q, N_K, CHUNK, qk_scale, kn_scale,
                            HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Online softmax of all queries over keys [chunk * CHUNK, (chunk + 1) * CHUNK)."""
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_CHUNK: tl.constexpr):
+    """Online softmax of all queries over keys [chunk * CHUNK, (chunk + 1) * CHUNK). SINGLE_CHUNK:
+    the chunk is the whole cache, and the normalised rows go straight to `out`."""
     chunk, bh = tl.program_id(0), tl.program_id(1)
     n_chunks = tl.num_programs(0)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
@@ -56,12 +59,16 @@ def _decode_partial_kernel(q, k, v, kn, part_out, part_lse,
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, k_base, v_base, kn_base, False, b, h, skn, skd, svn, svd,
                                offs_m, split, end, causal_offset, N_K, qk_scale, kn_scale,
                                BLOCK_N, HEAD_DIM, True, True, DOT_PRECISION, True, False, False)
-    seen = l_i > 0  # a query may see no key of this chunk: it contributes nothing
-    out = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
-    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
-    row = (bh.to(tl.int64) * n_chunks + chunk) * N_Q + offs_m
-    tl.store(part_lse + row, lse, mask=row_ok)
-    tl.store(part_out + row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None])
+    if SINGLE_CHUNK:  # every query sees key 0, so l_i > 0
+        tl.store(out + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
+                 (acc / l_i[:, None]).to(out.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        seen = l_i > 0  # a query may see no key of this chunk: it contributes nothing
+        part = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
+        lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+        row = (bh.to(tl.int64) * n_chunks + chunk) * N_Q + offs_m
+        tl.store(part_lse + row, lse, mask=row_ok)
+        tl.store(part_out + row[:, None] * HEAD_DIM + offs_d[None, :], part, mask=row_ok[:, None])
 
 
 @triton.jit
@@ -101,16 +108,22 @@ def rbf_decode_triton(q, k, v, key_sqnorms, scale: float, num_chunks: int | None
     chunk = cdiv(cdiv(M, chunks), block_n) * block_n  # chunks start on key-block bounds
     chunks = cdiv(M, chunk)
     block_m = max(16, triton.next_power_of_2(N))
+    single = chunks == 1
     out = torch.empty((B, H, N, D), device=q.device, dtype=q.dtype)
-    part_out = torch.empty((B, H, chunks, N, D), device=q.device, dtype=torch.float32)
-    part_lse = torch.empty((B, H, chunks, N), device=q.device, dtype=torch.float32)
+    if single:  # never written: the kernel stores straight into out
+        part_out = part_lse = out
+    else:
+        part_out = torch.empty((B, H, chunks, N, D), device=q.device, dtype=torch.float32)
+        part_lse = torch.empty((B, H, chunks, N), device=q.device, dtype=torch.float32)
     with _device_of(q):
         kn = rowdot(k, k) if key_sqnorms is None else key_sqnorms
         DECODE_PARTIAL((chunks, B * H),
-                       (q, k, v, kn, part_out, part_lse, *q.stride(), *k.stride(), *v.stride(), kn.stride(0),
-                        kn.stride(1), H, N, M, chunk, 2.0 * scale * LOG2E, scale * LOG2E),
-                       {"HEAD_DIM": D, "DOT_PRECISION": _dot_precision(q.dtype), "BLOCK_M": block_m, "BLOCK_N": block_n},
+                       (q, k, v, kn, part_out, part_lse, out, *q.stride(), *k.stride(), *v.stride(), kn.stride(0),
+                        kn.stride(1), *out.stride(), H, N, M, chunk, 2.0 * scale * LOG2E, scale * LOG2E),
+                       {"HEAD_DIM": D, "DOT_PRECISION": _dot_precision(q.dtype), "BLOCK_M": block_m, "BLOCK_N": block_n,
+                        "SINGLE_CHUNK": single},
                        num_warps=4, num_stages=2)
-        DECODE_COMBINE((N, B * H), (part_out, part_lse, out, chunks, N, H, *out.stride()),
-                       {"HEAD_DIM": D, "BLOCK_S": triton.next_power_of_2(chunks)})
+        if not single:
+            DECODE_COMBINE((N, B * H), (part_out, part_lse, out, chunks, N, H, *out.stride()),
+                           {"HEAD_DIM": D, "BLOCK_S": triton.next_power_of_2(chunks)})
     return out
