@@ -6,8 +6,8 @@ cut into chunks, one program per (chunk, head): each runs the same online softma
 kernel over its keys and writes a partial output normalised within the chunk and that chunk's
 log-sum-exp; a second small kernel combines the chunks by their softmax weight,
     out = sum_s 2^(lse_s - lse) o_s,  lse = log2 sum_s 2^(lse_s).
-With a single chunk (many sequences, a short cache) the first kernel writes the output itself: one
-launch per step, as SDPA's, and no partial buffers.
+With a single chunk (many sequences, or at most 256 cached keys) the first kernel writes the output
+itself: one launch per step, as SDPA's, and no partial buffers.
 Key norms ||k_j||^2 are passed in when the caller keeps them with the cache (they change only
 where keys are appended), so a step reads each cached key once and computes no norm.
 """
