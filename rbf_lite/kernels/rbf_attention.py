@@ -219,8 +219,8 @@ class Tuner:
             return times
 
         # Two short rounds, the second in reverse order (clock ramp-up favours late candidates, a
-        # noisy neighbour any), then the fastest few again, longer: with short rounds alone the
-        # benchmark got a D = 128 forward tile 7% slower than the best of the same run's A/B.
+        # noisy neighbour any), then the fastest few again, longer: in one benchmark run the short
+        # rounds alone chose a D = 128 forward tile that an A/B measured 7% slower than the best.
         quick = best_times(candidates + candidates[::-1], 25)
         if not quick:
             raise RuntimeError("no kernel configuration fits this GPU's shared memory")
