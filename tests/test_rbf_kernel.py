@@ -428,6 +428,13 @@ def test_decode_reads_strided_caches_and_cached_norms(dtype, device):
     assert rel_err(rbf_decode(q, k, v, key_sqnorms=norms, backend="triton"), want) < TOL[dtype]
 
 
+def test_host_next_power_of_2_matches_triton():
+    """The launch paths' own next_power_of_2 (without Triton's constexpr wrapper) gives Triton's values."""
+    import triton
+    from rbf_lite.kernels.rbf_attention import next_power_of_2
+    assert [next_power_of_2(n) for n in range(1, 300)] == [triton.next_power_of_2(n) for n in range(1, 300)]
+
+
 def test_decode_bad_inputs():
     q, k = torch.randn(1, 2, 3, 16), torch.randn(1, 2, 8, 16)
     with pytest.raises(ValueError, match="at least as many cached keys"):

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from .rbf_attention import CompiledLauncher, _device_of, cdiv
+from .rbf_attention import CompiledLauncher, _device_of, cdiv, next_power_of_2
 
 # The centroid tile (and its gradient) lives in registers: above this it would spill, and the
 # problem is large enough for the torch path not to be launch-bound.
@@ -49,7 +49,7 @@ MAX_TILE = 128 * 128
 
 def _padded(n: int) -> int:
     """tl.arange needs powers of two and tl.dot at least 16 along every axis."""
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_power_of_2(n))
 
 
 def fits(num_classes: int, dim: int) -> bool:

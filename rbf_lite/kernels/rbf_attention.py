@@ -154,6 +154,12 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def next_power_of_2(n: int) -> int:
+    """`triton.next_power_of_2` on the host without its constexpr-function wrapper (Triton 3.6):
+    0.07 us per call instead of 1.9 here, twice per decoding step."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def _has_hooks(hook) -> bool:
     """Launch hooks are None or a function in older Triton, a (usually empty) HookChain in newer."""
     return bool(getattr(hook, "calls", hook))

@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .rbf_attention import LOG2E, CompiledLauncher, _device_of, _dot_precision, _fwd_inner, cdiv, rowdot
+from .rbf_attention import (LOG2E, CompiledLauncher, _device_of, _dot_precision, _fwd_inner, cdiv, next_power_of_2,
+                           rowdot)
 
 MAX_DECODE_QUERIES = 64  # beyond this the attention kernel's own query blocks parallelise well
 KEYS_PER_CHUNK_MIN = 256
@@ -107,7 +108,7 @@ def rbf_decode_triton(q, k, v, key_sqnorms, scale: float, num_chunks: int | None
     chunks = num_chunks or default_chunks(B * H, M, q.device)
     chunk = cdiv(cdiv(M, chunks), block_n) * block_n  # chunks start on key-block bounds
     chunks = cdiv(M, chunk)
-    block_m = max(16, triton.next_power_of_2(N))
+    block_m = max(16, next_power_of_2(N))
     single = chunks == 1
     out = torch.empty((B, H, N, D), device=q.device, dtype=q.dtype)
     if single:  # never written: the kernel stores straight into out
@@ -125,5 +126,5 @@ def rbf_decode_triton(q, k, v, key_sqnorms, scale: float, num_chunks: int | None
                        num_warps=4, num_stages=2)
         if not single:
             DECODE_COMBINE((N, B * H), (part_out, part_lse, out, chunks, N, H, *out.stride()),
-                           {"HEAD_DIM": D, "BLOCK_S": triton.next_power_of_2(chunks)})
+                           {"HEAD_DIM": D, "BLOCK_S": next_power_of_2(chunks)})
     return out
