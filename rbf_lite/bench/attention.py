@@ -178,11 +178,14 @@ def resumed(previous: dict, current: dict, dtypes: list[str]) -> dict:
             "rows": previous["rows"], "accuracy": previous["accuracy"], "tuned": previous.get("tuned", {})}
 
 
+def _shape(row: dict) -> tuple:
+    return row["b"], row["h"], row["n"], row["d"], row["dtype"], row["causal"]
+
+
 def measured_group(rows: list[dict], b: int, h: int, n: int, d: int, dtype: str, causal: bool,
                    variants: list[str]) -> bool:
     """Whether every variant has a row (a timing or a recorded error) for this shape."""
-    have = {row["variant"] for row in rows if (row["b"], row["h"], row["n"], row["d"], row["dtype"], row["causal"])
-            == (b, h, n, d, dtype, causal)}
+    have = {row["variant"] for row in rows if _shape(row) == (b, h, n, d, dtype, causal)}
     return set(variants) <= have
 
 
@@ -231,8 +234,7 @@ def main(argv=None):
                 if measured_group(result["rows"], b, h, n, d, dtype_name, causal, variants):
                     print(f"{'(kept)':16s} {f'{b}x{h}x{n}x{d}':>18s} {dtype_name:5s} {causal!s:6s}")
                     continue
-                result["rows"] = [row for row in result["rows"] if (row["b"], row["h"], row["n"], row["d"],
-                                  row["dtype"], row["causal"]) != (b, h, n, d, dtype_name, causal)]
+                result["rows"] = [row for row in result["rows"] if _shape(row) != (b, h, n, d, dtype_name, causal)]
                 torch.manual_seed(0)
                 q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=DTYPES[dtype_name]) for _ in range(3))
                 baseline = None
