@@ -417,6 +417,22 @@ def test_decode_matches_float64_reference(n_q, n_k, chunks, head_dim, device):
 
 
 @needs_triton
+def test_decode_steps_share_one_workspace(device):
+    """Consecutive multi-chunk steps reuse the partials and per-head counts (the combining program
+    resets its count): each step still equals the full computation, after the workspace grows too."""
+    from rbf_lite.kernels import rbf_decode as decode
+    decode._WORKSPACES.clear()
+    k, v = (torch.randn(2, 3, 300, 16, device=device) for _ in range(2))
+    for n_k, chunks, n_q in [(100, 3, 1), (300, 5, 2), (300, 5, 2), (60, 2, 1), (300, 4, 3)]:
+        q = torch.randn(2, 3, n_q, 16, device=device)
+        want = rbf_attention_reference(q.double(), k[:, :, :n_k].double(), v[:, :, :n_k].double(), causal=True)
+        got = decode.rbf_decode_triton(q, k[:, :, :n_k], v[:, :, :n_k], None, 0.25, num_chunks=chunks)
+        assert rel_err(got, want) < TOL[torch.float32]
+    (part, counts), = decode._WORKSPACES.values()
+    assert counts.eq(0).all() and part.numel() >= 2 * 3 * 5 * 2 * 17
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_decode_reads_strided_caches_and_cached_norms(dtype, device):
     """The filled part of preallocated (B, H, M_max, D) caches, with norms kept beside them."""
