@@ -2,13 +2,17 @@
 
 One new query per sequence (or a few, --queries) attends to a cache of M keys: rbf_lite's
 flash-decoding kernel (`rbf_decode`, key norms kept with the cache) against torch SDPA on the same
-cache, in the same process, medians of CUDA-event timings (`triton.testing.do_bench`). Writes
-JSON: {device, torch, triton, commit, command, rows: [{variant, b, h, n_queries, cache, d, dtype,
-ms, vs_sdpa}]}.
+cache, in the same process. Each step is timed three ways:
+- `ms`: medians of CUDA-event timings of the eager call (`triton.testing.do_bench`, L2 flushed
+  before each call). At short caches a step is a few microseconds of GPU work, and how much of the
+  host's time per call this shows depends on how fast the host is (see the notes);
+- `graph_ms`: the same, of the step captured once in a CUDA graph and replayed, as serving engines
+  run decoding: the GPU's work, without Python or per-kernel launch costs;
+- `loop_ms`: wall time per call of eager calls back to back, host time included.
+Writes JSON: {device, torch, triton, commit, command, rows: [{variant, b, h, n_queries, cache, d,
+dtype, ms, vs_sdpa, graph_ms, graph_vs_sdpa, loop_ms, loop_vs_sdpa}]}.
 
-Before the first timing both steps run untimed for --warmup-s seconds: a step at a short cache is
-mostly host time, and the first settings of a fresh process measured slower than in a second run a
-minute later (H100, 836d97e: batch 1 with 1024 keys 2.15x SDPA, then 0.93x).
+Before the first timing both steps run untimed for --warmup-s seconds (GPU clocks, host caches).
 """
 from __future__ import annotations
 
@@ -20,7 +24,17 @@ import torch.nn.functional as F
 
 from ..rbf import rbf_decode
 from ..runs import environment, write_json
-from .attention import DTYPES
+from .attention import DTYPES, back_to_back_ms
+
+
+def graph_replay(step):
+    """`step` captured once in a CUDA graph (after one eager call: compilation, workspaces), replayable."""
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def main(argv=None):
@@ -38,7 +52,8 @@ def main(argv=None):
         raise SystemExit("the benchmark needs a CUDA GPU")
     from triton.testing import do_bench
     result = {**environment("cuda"), "rows": []}
-    print(f"{'variant':10s} {'batch':>5s} {'cache':>6s} {'ms':>8s} {'x sdpa':>7s}")
+    print(f"{'variant':10s} {'batch':>5s} {'cache':>6s} {'ms':>8s} {'x sdpa':>7s} {'graph ms':>8s} {'x sdpa':>7s} "
+          f"{'loop ms':>8s} {'x sdpa':>7s}")
     for b in (int(x) for x in args.batches.split(",")):
         for m in (int(x) for x in args.caches.split(",")):
             torch.manual_seed(0)
@@ -57,12 +72,17 @@ def main(argv=None):
                     for step in steps:
                         step()
                     torch.cuda.synchronize()
-                sdpa_ms, rbf_ms = (do_bench(step, return_mode="median") for step in steps)
-            for name, ms in (("sdpa", sdpa_ms), ("rbf_decode", rbf_ms)):
+                times = [(do_bench(step, return_mode="median"), do_bench(graph_replay(step), return_mode="median"),
+                          back_to_back_ms(step, 100)) for step in steps]
+            for name, (ms, graph_ms, loop_ms) in zip(("sdpa", "rbf_decode"), times):
+                sdpa_ms, sdpa_graph_ms, sdpa_loop_ms = times[0]
                 result["rows"].append({"variant": name, "b": b, "h": args.heads, "n_queries": args.queries,
                                        "cache": m, "d": args.head_dim, "dtype": args.dtype,
-                                       "ms": ms, "vs_sdpa": ms / sdpa_ms})
-                print(f"{name:10s} {b:5d} {m:6d} {ms:8.4f} {ms / sdpa_ms:7.2f}", flush=True)
+                                       "ms": ms, "vs_sdpa": ms / sdpa_ms, "graph_ms": graph_ms,
+                                       "graph_vs_sdpa": graph_ms / sdpa_graph_ms, "loop_ms": loop_ms,
+                                       "loop_vs_sdpa": loop_ms / sdpa_loop_ms})
+                print(f"{name:10s} {b:5d} {m:6d} {ms:8.4f} {ms / sdpa_ms:7.2f} {graph_ms:8.4f} "
+                      f"{graph_ms / sdpa_graph_ms:7.2f} {loop_ms:8.4f} {loop_ms / sdpa_loop_ms:7.2f}", flush=True)
             if args.out:
                 write_json(args.out, result)
     return result
