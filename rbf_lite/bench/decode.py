@@ -28,11 +28,16 @@ from .attention import DTYPES, back_to_back_ms
 
 
 def graph_replay(step):
-    """`step` captured once in a CUDA graph (after one eager call: compilation, workspaces), replayable."""
-    step()
+    """`step` captured once in a CUDA graph, replayable. It runs eagerly first on the stream that
+    captures it (compilation; rbf_decode's workspace for that stream), so the graph holds the step's
+    kernels only."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=stream):
         step()
     return graph.replay
 
