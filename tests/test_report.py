@@ -97,3 +97,8 @@ def test_kernel_targets_compare_every_measurement():
     assert table.loc[("forward", "N >= 4096"), "met"] == bool((both <= 1.10).all())
     low, high = table.loc[("forward + backward", "N >= 4096"), "back to back (x SDPA)"].split(" - ")
     assert float(high) == pytest.approx(mine.fwdbwd_loop_vs_sdpa.max(), abs=0.005)
+    steps = [r for r in decode["rows"] if r["variant"] == "rbf_decode"]
+    low, high = table.loc[("decode step", "batch 1-64, cache 1k-32k"), "CUDA graph (x SDPA)"].split(" - ")
+    assert float(high) == pytest.approx(max(r["graph_vs_sdpa"] for r in steps), abs=0.005)
+    every = [r[key] for r in steps for key in ("vs_sdpa", "loop_vs_sdpa", "graph_vs_sdpa")]
+    assert table.loc[("decode step", "batch 1-64, cache 1k-32k"), "met"] == (max(every) <= 1.20)
