@@ -110,7 +110,9 @@ _WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 def _workspace(device: torch.device, floats: int, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp32 partials, int32 counts, all 0) for a multi-chunk step, kept per GPU and stream: steps on
-    one stream run in order, so each can reuse what the one before left (counts back at 0)."""
+    one stream run in order, so each can reuse what the one before left (counts back at 0). A CUDA
+    graph that captures a step keeps the workspace of the stream it was captured on: replay it on that
+    stream, or on one that no eager step of that stream overlaps."""
     stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
     key = (device.type, device.index, stream)
     part, counts = _WORKSPACES.get(key) or (None, None)
