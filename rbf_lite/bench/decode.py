@@ -79,8 +79,8 @@ def main(argv=None):
                     torch.cuda.synchronize()
                 times = [(do_bench(step, return_mode="median"), do_bench(graph_replay(step), return_mode="median"),
                           back_to_back_ms(step, 100)) for step in steps]
+            sdpa_ms, sdpa_graph_ms, sdpa_loop_ms = times[0]
             for name, (ms, graph_ms, loop_ms) in zip(("sdpa", "rbf_decode"), times):
-                sdpa_ms, sdpa_graph_ms, sdpa_loop_ms = times[0]
                 result["rows"].append({"variant": name, "b": b, "h": args.heads, "n_queries": args.queries,
                                        "cache": m, "d": args.head_dim, "dtype": args.dtype,
                                        "ms": ms, "vs_sdpa": ms / sdpa_ms, "graph_ms": graph_ms,

@@ -115,11 +115,10 @@ def _workspace(device: torch.device, floats: int, heads: int) -> tuple[torch.Ten
     stream, or on one that no eager step of that stream overlaps."""
     stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
     key = (device.type, device.index, stream)
-    part, counts = _WORKSPACES.get(key) or (None, None)
-    if part is None or part.numel() < floats or counts.numel() < heads:
-        grown = (0, 0) if part is None else (part.numel(), counts.numel())
-        part = torch.empty(max(floats, grown[0]), device=device, dtype=torch.float32)
-        counts = torch.zeros(max(heads, grown[1]), device=device, dtype=torch.int32)
+    part, counts = _WORKSPACES.get(key) or (torch.empty(0), torch.empty(0))
+    if part.numel() < floats or counts.numel() < heads:
+        part = torch.empty(max(floats, part.numel()), device=device, dtype=torch.float32)
+        counts = torch.zeros(max(heads, counts.numel()), device=device, dtype=torch.int32)
         _WORKSPACES[key] = part, counts
     return part, counts
 
@@ -147,14 +146,15 @@ def rbf_decode_triton(q, k, v, key_sqnorms, scale: float, num_chunks: int | None
     chunks = cdiv(M, chunk)
     out = torch.empty((B, H, N, D), device=q.device, dtype=q.dtype)
     with _device_of(q):
+        lse_offset = B * H * chunks * N * D  # the partial outputs first, then their log-sum-exps
         if chunks == 1:  # never read: the kernel stores straight into out
             part = counts = out
         else:
-            part, counts = _workspace(q.device, B * H * chunks * N * (D + 1), B * H)
+            part, counts = _workspace(q.device, lse_offset + B * H * chunks * N, B * H)
         kn = rowdot(k, k) if key_sqnorms is None else key_sqnorms
         DECODE((chunks, B * H),
                (q, k, v, kn, part, counts, out, *q.stride(), *k.stride(), *v.stride(), kn.stride(0), kn.stride(1),
-                *out.stride(), H, N, M, chunk, B * H * chunks * N * D, 2.0 * scale * LOG2E, scale * LOG2E),
+                *out.stride(), H, N, M, chunk, lse_offset, 2.0 * scale * LOG2E, scale * LOG2E),
                {"HEAD_DIM": D, "DOT_PRECISION": _dot_precision(q.dtype), "BLOCK_M": max(16, next_power_of_2(N)),
                 "BLOCK_N": block_n, "BLOCK_S": next_power_of_2(chunks), "SINGLE_CHUNK": chunks == 1},
                num_warps=4, num_stages=2)
