@@ -129,7 +129,8 @@ def test_forward_stage_order(n_q, n_k, masked_first, tma, device, monkeypatch):
     from triton import Config
     from rbf_lite.kernels import rbf_attention as kernel
     config = Config({"BLOCK_M": 32, "BLOCK_N": 16, "MASKED_FIRST": masked_first}, num_warps=4, num_stages=1)
-    monkeypatch.setattr(kernel, "FWD_TUNER", kernel.Tuner(kernel._fwd_kernel, [config], kernel._fits_fwd))
+    monkeypatch.setattr(kernel, "FWD_TUNER", kernel.Tuner("forward", kernel.CompiledLauncher(kernel._fwd_kernel), [config],
+                                                             kernel._fits_fwd, kernel._heuristic_fwd))
     monkeypatch.setattr(kernel, "TMA", tma)
     q = torch.randn(2, 2, n_q, 32, device=device)
     k, v = (torch.randn(2, 2, n_k, 32, device=device) for _ in range(2))
@@ -212,13 +213,13 @@ def test_atomic_dq_only_where_it_pays(monkeypatch):
 
 def test_tuner_times_the_fastest_again_before_choosing(monkeypatch):
     """Two short rounds keep each candidate's best time (one too large is dropped); the fastest
-    FINALISTS are timed again, longer, and that decides."""
+    FINALISTS are timed again, longer, and that decides; the finalists' times are kept relative to it."""
     import triton.testing
     from triton.runtime.errors import OutOfResources
-    from rbf_lite.kernels import rbf_attention as kernel
+    from rbf_lite.kernels import rbf_attention as kernel, tuning
     configs = kernel.TUNED_FWD_CONFIGS[:4]
-    monkeypatch.setattr(kernel, "FINALISTS", 2)
-    tuner = kernel.Tuner(kernel._fwd_kernel, configs, lambda config, dtype: True)
+    monkeypatch.setattr(tuning, "FINALISTS", 2)
+    tuner = tuning.Tuner("forward", None, configs, lambda config, dtype: True, kernel._heuristic_fwd)
     timed = []
     monkeypatch.setattr(tuner, "_run", lambda config, grid, args, constexprs: timed.append(config))
     # Short rounds: 0, 1, 2 (too large), 3, then reversed: 3, 1, 0 (2 is not retried); best times
@@ -235,24 +236,24 @@ def test_tuner_times_the_fastest_again_before_choosing(monkeypatch):
         return t
 
     monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
-    assert tuner._choose(torch.float16, None, None, {}) is configs[0]
+    best, finalists = tuner._choose(configs, None, None, {})
+    assert best is configs[0]
     c0, c1, c2, c3 = configs
     assert timed == [c0, c1, c2, c3, c3, c1, c0, c1, c0, c0, c1]
-    key = (256, 256, 64, True, True, False, torch.float16, "cuda:0")
-    tuner.chosen[key] = configs[0]
-    (choice,) = tuner.choices()
-    assert choice["key"]["head_dim"] == "64" and choice["key"]["causal"] == "True"
-    assert choice["config"] == {**configs[0].kwargs, "num_warps": configs[0].num_warps,
-                                "num_stages": configs[0].num_stages}
+    assert [f["time"] for f in finalists] == [1.0, 1.2]
+    assert finalists[1]["config"] == tuning.config_dict(c1)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="autotuning times configurations on a GPU")
-def test_atomic_dq_survives_autotuning(monkeypatch):
+def test_atomic_dq_survives_autotuning(monkeypatch, tmp_path):
     """Tuning runs the kernel once per candidate; the atomically summed dq must be cleared after it."""
     from rbf_lite.kernels import rbf_attention as kernel
-    tuner = kernel.Tuner(kernel._bwd_kernel, kernel.TUNED_BWD_CONFIGS[-2:], kernel._fits_bwd)
+    tuner = kernel.Tuner("backward", kernel.CompiledLauncher(kernel._bwd_kernel), kernel.TUNED_BWD_CONFIGS[-2:],
+                         kernel._fits_bwd, kernel._heuristic_bwd)
     monkeypatch.setattr(kernel, "BWD_TUNER", tuner)
     monkeypatch.setattr(kernel, "ATOMIC_DQ", "1")
+    monkeypatch.setenv("RBF_LITE_AUTOTUNE", "full")
+    monkeypatch.setenv("RBF_LITE_CACHE", str(tmp_path))
     q, k, v = (torch.randn(1, 2, 200, 64, device="cuda", dtype=torch.float16) for _ in range(3))
     check_against_float64(q, k, v, causal=True)
     assert tuner.chosen, "the backward should have been tuned in this test"
@@ -519,7 +520,6 @@ def test_backend_choice(monkeypatch):
     (lambda: (torch.randn(2, 2, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)), ValueError, "batch and head"),
     (lambda: (torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32)), ValueError, "head dimension"),
     (lambda: (torch.randn(1, 2, 8, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 8, 16)), ValueError, "same sequence length"),
-    (lambda: (torch.randn(1, 2, 8, 24),) * 3, ValueError, "D=24 is not supported; supported: \\(16, 32, 64, 128\\)"),
     (lambda: (torch.ones(1, 2, 8, 16, dtype=torch.int64),) * 3, TypeError, "dtype torch.int64"),
     (lambda: (torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16).half(), torch.randn(1, 2, 8, 16)), TypeError, "share one dtype"),
     (lambda: (torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16, device="meta")), ValueError, "one device"),
@@ -540,3 +540,6 @@ def test_bad_backend_and_scale():
         rbf_attention(q, q, q, scale=-1.0)
     with pytest.raises(TypeError, match="float64"):
         rbf_attention(q.double(), q.double(), q.double(), backend="triton")
+    odd = torch.randn(1, 2, 8, 24)
+    with pytest.raises(ValueError, match="D=24 is not supported; supported: \\(16, 32, 64, 128\\)"):
+        rbf_attention(odd, odd, odd, backend="triton")

@@ -41,10 +41,10 @@ try:
     from triton import knobs
 except ImportError:  # Triton < 3.4: launches go through compiled[grid](...)
     knobs = None
-from triton.runtime.errors import OutOfResources, PTXASError
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..rbf import _capability
+from .tuning import KEY_FIELDS, Tuner, bucket
 
 LOG2E = 1.4426950408889634
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -91,6 +91,25 @@ def _fits_fwd(config: triton.Config, dtype: torch.dtype) -> bool:
 
 def _fits_bwd(config: triton.Config, dtype: torch.dtype) -> bool:
     return dtype != torch.float32 or config.kwargs["BLOCK_N1"] <= 64
+
+
+def _pick(configs: list[triton.Config], wanted: list[tuple]) -> list[triton.Config]:
+    """The candidates whose (block sizes..., warps, stages) are `wanted`, in that order."""
+    by_shape = {(*c.kwargs.values(), c.num_warps, c.num_stages): c for c in configs if not c.maxnreg}
+    return [by_shape[w] for w in wanted if w in by_shape]
+
+
+# For GPUs that the shipped table has not measured (see tuning.py): tiles common to FlashAttention-2
+# style kernels on Ampere and Ada, larger first; a tile too large for the GPU's shared memory fails
+# to compile and the next is tried. Not measured here: `python -m rbf_lite.tune` times them all.
+def _heuristic_fwd(head_dim: int) -> list[triton.Config]:
+    first = (128, 64, False, 8, 3) if head_dim > 64 else (128, 64, False, 4, 3)
+    return _pick(TUNED_FWD_CONFIGS, [first, (64, 64, False, 4, 3), (64, 32, False, 4, 2)])
+
+
+def _heuristic_bwd(head_dim: int) -> list[triton.Config]:
+    first = [] if head_dim > 64 else [(32, 128, 128, 32, 4, 3), (64, 64, 64, 64, 4, 2)]
+    return _pick(TUNED_BWD_CONFIGS, first + [(32, 64, 64, 32, 4, 3), (32, 64, 64, 32, 4, 2)])
 
 
 class CompiledLauncher:
@@ -163,81 +182,6 @@ def next_power_of_2(n: int) -> int:
 def _has_hooks(hook) -> bool:
     """Launch hooks are None or a function in older Triton, a (usually empty) HookChain in newer."""
     return bool(getattr(hook, "calls", hook))
-
-
-FINALISTS = 3  # candidates the tuner times again, longer, before it chooses
-
-
-class Tuner:
-    """Chooses a kernel's configuration once per key by timing each candidate, then launches directly.
-
-    `triton.autotune` does the same but rebuilds its key from every argument on each call: at the
-    launch-bound training shape that was ~30 us per launch (74 us against 41 us for a direct
-    launch on the H100). Here the key is computed by the caller from what matters (length
-    buckets, head dim, causality, dtype, device), and a cached choice costs one dict lookup.
-    """
-
-    def __init__(self, kernel, configs, fits):
-        self.launcher, self.configs, self.fits = CompiledLauncher(kernel), configs, fits
-        self.chosen: dict[tuple, triton.Config] = {}
-
-    def launch(self, key: tuple, dtype: torch.dtype, grid, args, reset=None, **constexprs) -> None:
-        """grid and args are functions of the configuration's block sizes (TMA descriptors depend on them).
-        A kernel that accumulates into its outputs passes `reset`, which clears them after tuning."""
-        config = self.chosen.get(key)
-        if config is None:
-            config = self.chosen[key] = self._choose(dtype, grid, args, constexprs)
-            if reset is not None:
-                reset()
-        self._run(config, grid, args, constexprs)
-
-    def choices(self) -> list[dict]:
-        """What was chosen so far, readable: the benchmark records it beside its timings."""
-        return [{"key": dict(zip(TUNING_KEY_FIELDS, map(str, key))),
-                 "config": {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages,
-                            **({"maxnreg": config.maxnreg} if config.maxnreg else {})}}
-                for key, config in self.chosen.items()]
-
-    def _run(self, config, grid, args, constexprs):
-        meta = config.kwargs
-        self.launcher(grid(meta), args(meta), constexprs | meta, config.num_warps, config.num_stages, config.maxnreg)
-
-    def _choose(self, dtype, grid, args, constexprs) -> triton.Config:
-        candidates = [c for c in self.configs if self.fits(c, dtype)] or self.configs[-1:]
-        if len(candidates) == 1:
-            return candidates[0]
-        from triton.testing import do_bench
-        too_large = set()
-
-        def best_times(configs, rep_ms):
-            """Each config's best time over its runs here (re-running writes the outputs again, or
-            adds to what launch() resets); configs too large for this GPU are dropped."""
-            times = {}
-            for config in configs:
-                if config in too_large:
-                    continue
-                try:
-                    t = do_bench(lambda: self._run(config, grid, args, constexprs), warmup=5, rep=rep_ms)
-                except (OutOfResources, PTXASError):
-                    too_large.add(config)
-                    continue
-                times[config] = min(t, times.get(config, t))
-            return times
-
-        # Two short rounds, the second in reverse order (clock ramp-up favours late candidates, a
-        # noisy neighbour any), then the fastest few again, longer: in one benchmark run the short
-        # rounds alone chose a D = 128 forward tile that an A/B measured 7% slower than the best.
-        quick = best_times(candidates + candidates[::-1], 25)
-        if not quick:
-            raise RuntimeError("no kernel configuration fits this GPU's shared memory")
-        finalists = sorted(quick, key=quick.get)[:FINALISTS]
-        final = best_times(finalists + finalists[::-1], 100)
-        return min(final, key=final.get)
-
-
-def _bucket(n: int) -> int:
-    """Autotuning key for a length: its power-of-two bucket, so growing caches don't retune each step."""
-    return 1 << max(4, (max(n, 1) - 1).bit_length())
 
 
 @triton.jit
@@ -643,8 +587,8 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-FWD_TUNER = Tuner(_fwd_kernel, FWD_CONFIGS, _fits_fwd)
-BWD_TUNER = Tuner(_bwd_kernel, BWD_CONFIGS, _fits_bwd)
+FWD_TUNER = Tuner("forward", CompiledLauncher(_fwd_kernel), FWD_CONFIGS, _fits_fwd, _heuristic_fwd)
+BWD_TUNER = Tuner("backward", CompiledLauncher(_bwd_kernel), BWD_CONFIGS, _fits_bwd, _heuristic_bwd)
 
 
 _SAME_DEVICE = contextlib.nullcontext()
@@ -695,12 +639,9 @@ def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[3]])
 
 
-TUNING_KEY_FIELDS = ("query_bucket", "key_bucket", "head_dim", "causal", "normalize", "tma", "dtype", "device",
-                     "atomic_dq")  # the backward's key adds the last
-
-
 def _tuning_key(q, k, causal, normalize, tma):
-    return (_bucket(q.shape[2]), _bucket(k.shape[2]), q.shape[3], causal, normalize, tma, q.dtype, q.device)
+    """In the order of tuning.KEY_FIELDS (the backward's key adds atomic_dq)."""
+    return (bucket(q.shape[2]), bucket(k.shape[2]), q.shape[3], causal, normalize, tma, q.dtype, q.device)
 
 
 def _forward(q, k, v, causal: bool, scale: float, normalize: bool):
