@@ -12,6 +12,7 @@ The run ends by evaluating accuracy, NLL, ECE and OOD detection on every availab
 writes `out/log.jsonl`, `out/summary.json` (with the reliability-diagram data), `out/latents.npz`
 (a sample of the test and OOD embeddings, and HALO's centroids, for the latent-space figure:
 `rbf_lite.metrics.pca`) and `out/checkpoint.pt` (written every epoch; `--resume` continues from it).
+A folder that already holds a run is refused unless `--resume` or `--overwrite` says what to do.
 """
 from __future__ import annotations
 
@@ -27,15 +28,16 @@ import numpy as np
 import torch
 
 from . import metrics
-from .data import DataNotFoundError
+from .data import DataNotFoundError, hub_unreachable
 from .data import images as image_data
 from .halo import HALOHead, LinearHead
 from .models.resnet import ResNet18
-from .runs import JsonlLog, environment, load_checkpoint, progress, save_checkpoint, seed_everything, write_json
+from .runs import (JsonlLog, environment, load_checkpoint, prepare_run_dir, progress, save_checkpoint,
+                   seed_everything, write_json)
 
 DEFAULT_OOD = ("svhn", "cifar10", "cifar100", "mnist", "fashion-mnist", "uniform-noise", "gaussian-noise")
 # Settings that may differ between an interrupted run and its resumption.
-RESUMABLE_CHANGES = ("resume", "device", "compile", "out", "data")
+RESUMABLE_CHANGES = ("resume", "overwrite", "device", "compile", "out", "data")
 
 
 @dataclass
@@ -80,6 +82,8 @@ class Config:
     latent_points: int = field(default=2000, metadata={
         "help": "embeddings kept per set (test, each OOD set) in latents.npz for the PCA figure"})
     resume: bool = field(default=False, metadata={"help": "continue from out/checkpoint.pt"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace a run already in out (without it or --resume, such a folder is refused)"})
 
     def __post_init__(self):
         choices = {"loss": ("halo", "cce"), "schedule": ("onecycle", "cosine"),
@@ -131,6 +135,9 @@ def load_data(cfg: Config) -> tuple[image_data.ImageSet, image_data.ImageSet, di
                 ood[name] = image_data.noise_images(name, cfg.test_subset or 10_000, seed=cfg.seed)
         except DataNotFoundError as error:
             skipped[name] = " ".join(str(error).split())
+            offline = hub_unreachable() if name in image_data.HUB else None
+            print(f"OOD set {name} skipped: " + (f"no local copy, and {offline}" if offline else
+                  "not found (summary.json's ood_skipped says where it looked)"), file=sys.stderr)
     test = test.subset(min(cfg.test_subset or len(test), len(test)), seed=cfg.seed)
     ood = {name: s.subset(min(cfg.test_subset or len(s), len(s)), seed=cfg.seed) for name, s in ood.items()}
     return train.subset(cfg.subset, seed=cfg.seed), test, ood, skipped
@@ -302,7 +309,7 @@ class Trainer:
 
     def run(self) -> dict:
         """Train (or resume), checkpointing every epoch; evaluate everything; write the summary."""
-        out = Path(self.cfg.out)
+        out = prepare_run_dir(self.cfg.out, self.cfg.resume, self.cfg.overwrite)
         if self.cfg.resume:
             self.restore()
             log = JsonlLog(out / "log.jsonl", resume_from_step=self.step)
@@ -349,6 +356,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_args(argv)
+    prepare_run_dir(cfg.out, cfg.resume, cfg.overwrite)  # refuse a folder before loading any data
     summary = Trainer(cfg).run()
     print(f"accuracy {summary['accuracy']:.4f}  nll {summary['nll']:.4f}  ece {summary['ece']:.4f}  "
           f"-> {Path(cfg.out) / 'summary.json'}")

@@ -9,8 +9,8 @@ at each evaluation); DIR/attention_maps.json keeps the final model's attention o
 DIR/checkpoint.pt holds model, optimizer, scheduler,
 step and RNG states, and `--resume` continues so exactly that an interrupted run ends with the
 weights of an uninterrupted one (bit-identical on the CPU). `--stop-at` ends a run early on
-purpose, e.g. to fit a long run into time-limited sessions. Without `--resume` a run starts
-fresh and overwrites what OUT held.
+purpose, e.g. to fit a long run into time-limited sessions. A folder that already holds a run is
+never overwritten silently: continue it with `--resume` or replace it with `--overwrite`.
 """
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ from .data.text import TOKENIZERS, PackedWindows, ShuffledBatches, TextTokenizer
 from .inspect_norms import parameter_norms, prompt_attention_maps, qk_norms
 from .models.gpt import GPT, GPTConfig
 from .positional import POSITIONAL_KINDS
-from .runs import (JsonlLog, environment, load_checkpoint, progress, read_jsonl, save_checkpoint,
-                   seed_everything, write_json)
+from .runs import (JsonlLog, environment, load_checkpoint, prepare_run_dir, progress, read_jsonl,
+                   save_checkpoint, seed_everything, write_json)
 
 SAMPLE_PROMPT = "Once upon a time"
 # The prompt whose attention maps every run saves (OUT/attention_maps.json) for the book's figures.
@@ -59,6 +59,8 @@ class LMConfig:
     seed: int = 0
     data: str | None = None         # text file or folder; None: RBF_LITE_DATA, ../shared/data, hub
     data_source: str = "auto"       # auto | local | hub
+    train_stories: int | None = None       # first N training stories only (None: the whole split)
+    validation_stories: int | None = None  # first N validation stories only (None: the whole split)
     tokenizer: str = "gpt2"         # gpt2 | bpe (trained on the training text)
     bpe_vocab_size: int = 4096
     eval_every: int = 200
@@ -70,6 +72,7 @@ class LMConfig:
     device: str = "auto"            # auto | cpu | cuda
     compile: bool = False
     resume: bool = False
+    overwrite: bool = False         # replace a run already in `out` (else refuse, unless resuming)
     stop_at: int | None = None      # stop (with a checkpoint) after this step; schedule still spans `steps`
 
     def __post_init__(self):
@@ -98,7 +101,7 @@ class LMConfig:
 
 
 # Fields that may differ between an interrupted run and its resumption.
-RESUMABLE_CHANGES = ("resume", "stop_at", "device", "compile", "eval_every", "log_every",
+RESUMABLE_CHANGES = ("resume", "overwrite", "stop_at", "device", "compile", "eval_every", "log_every",
                      "checkpoint_every", "sample_tokens")
 
 
@@ -213,10 +216,13 @@ def _train(config: LMConfig, device: torch.device, rank: int, world_size: int) -
     out = Path(config.out)
     checkpoint_path = out / "checkpoint.pt"
     is_main = rank == 0
+    if is_main:
+        prepare_run_dir(out, config.resume, config.overwrite)
     seed_everything(config.seed)
     if rank != 0:  # rank 0 builds the token caches, the others then read them
         dist.barrier()
-    data = prepare_tinystories(config.data, config.tokenizer, config.bpe_vocab_size, config.data_source)
+    data = prepare_tinystories(config.data, config.tokenizer, config.bpe_vocab_size, config.data_source,
+                               config.train_stories, config.validation_stories)
     if is_main and world_size > 1:
         dist.barrier()
     train_windows = PackedWindows(data.train, config.context_length, "the training split")
@@ -346,49 +352,84 @@ def load_run(out: str | Path, device: str = "auto") -> tuple[GPT, TextTokenizer]
     return model.to(resolve_device(device)).eval(), TextTokenizer(name, backend, eot)
 
 
-def parse_args(argv: list[str] | None = None) -> LMConfig:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one option per LMConfig field, each with a sentence and its default."""
     d = LMConfig()
-    p = argparse.ArgumentParser(prog="python -m rbf_lite.lm", description=__doc__.splitlines()[0])
-    p.add_argument("--attention", choices=ATTENTION_KINDS, default=d.attention)
-    p.add_argument("--pos", choices=POSITIONAL_KINDS, default=d.pos)
-    p.add_argument("--registers", type=int, default=d.registers, help="register tokens prepended")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--data", default=d.data, help="TinyStories text file or folder (else "
-                   "$RBF_LITE_DATA, ../shared/data, then the hub)")
-    p.add_argument("--data-source", choices=("auto", "local", "hub"), default=d.data_source)
-    p.add_argument("--out", default=d.out, help="run folder: log.jsonl, summary.json, checkpoint.pt")
-    p.add_argument("--d-model", type=int, default=d.d_model)
-    p.add_argument("--layers", type=int, default=d.n_layers)
-    p.add_argument("--heads", type=int, default=d.n_heads)
-    p.add_argument("--context", type=int, default=d.context_length)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (all processes)")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
-    p.add_argument("--warmup", type=int, default=d.warmup_steps)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip)
-    p.add_argument("--tokenizer", choices=TOKENIZERS, default=d.tokenizer)
-    p.add_argument("--bpe-vocab", type=int, default=d.bpe_vocab_size)
-    p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--eval-batches", type=int, default=d.eval_batches)
-    p.add_argument("--log-every", type=int, default=d.log_every)
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    p.add_argument("--sample-tokens", type=int, default=d.sample_tokens)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device)
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--stop-at", type=int, default=d.stop_at, help="stop early after this step")
-    a = p.parse_args(argv)
+    p = argparse.ArgumentParser(prog="python -m rbf_lite.lm", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    model = p.add_argument_group("model")
+    model.add_argument("--attention", choices=ATTENTION_KINDS, default=d.attention,
+                       help="sdpa: dot product; sdpa_qknorm: with QK-norm; rbf: distance, fused kernel; "
+                            "rbf_reference / rbf_flex: the same in plain PyTorch / FlexAttention")
+    model.add_argument("--pos", choices=POSITIONAL_KINDS, default=d.pos,
+                       help="positions: rope (rotary), susie (sinusoids added to q and k), learned "
+                            "(absolute embeddings) or none")
+    model.add_argument("--registers", type=int, default=d.registers,
+                       help="number of learned register tokens prepended to every sequence")
+    model.add_argument("--d-model", type=int, default=d.d_model, help="width of the residual stream")
+    model.add_argument("--layers", type=int, default=d.n_layers, help="number of transformer blocks")
+    model.add_argument("--heads", type=int, default=d.n_heads, help="attention heads per block")
+    model.add_argument("--context", type=int, default=d.context_length, help="tokens per training window")
+    data = p.add_argument_group("data")
+    data.add_argument("--data", default=d.data, help="TinyStories text file or folder; unset: "
+                      "$RBF_LITE_DATA, then ../shared/data, then the Hugging Face hub")
+    data.add_argument("--data-source", choices=("auto", "local", "hub"), default=d.data_source,
+                      help="where stories come from: local files, the hub, or local when found (auto)")
+    data.add_argument("--train-stories", type=int, default=d.train_stories,
+                      help="use only the first N training stories (a sample; from the hub only these "
+                           "are downloaded); unset: the whole split")
+    data.add_argument("--validation-stories", type=int, default=d.validation_stories,
+                      help="use only the first N validation stories; unset: the whole split")
+    data.add_argument("--tokenizer", choices=TOKENIZERS, default=d.tokenizer,
+                      help="GPT-2's 50,257-token BPE, or a small BPE learned from the training stories")
+    data.add_argument("--bpe-vocab", type=int, default=d.bpe_vocab_size,
+                      help="vocabulary size of the learned BPE (with --tokenizer bpe)")
+    optim = p.add_argument_group("optimisation")
+    optim.add_argument("--steps", type=int, default=d.steps, help="training steps (the schedule's length)")
+    optim.add_argument("--batch-size", type=int, default=d.batch_size,
+                       help="global batch in windows, split evenly over all processes")
+    optim.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate")
+    optim.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio,
+                       help="the cosine decay ends at lr times this ratio")
+    optim.add_argument("--warmup", type=int, default=d.warmup_steps, help="steps of linear learning-rate warm-up")
+    optim.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                       help="AdamW weight decay of the weight matrices (norms, registers and positions get none)")
+    optim.add_argument("--grad-clip", type=float, default=d.grad_clip, help="clip the gradient's global norm to this")
+    optim.add_argument("--seed", type=int, default=d.seed, help="seed of the initialisation and of the batch order")
+    run = p.add_argument_group("logging and the run folder")
+    run.add_argument("--out", default=d.out, help="run folder: log.jsonl, summary.json, checkpoint.pt, "
+                     "attention_maps.json, tokenizer.json")
+    run.add_argument("--eval-every", type=int, default=d.eval_every,
+                     help="steps between validation losses (and q/k norm probes)")
+    run.add_argument("--eval-batches", type=int, default=d.eval_batches,
+                     help="validation batches per evaluation (fewer if the split is smaller)")
+    run.add_argument("--log-every", type=int, default=d.log_every, help="steps between training-loss log lines")
+    run.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                     help="steps between checkpoints (one is always written at the end)")
+    run.add_argument("--sample-tokens", type=int, default=d.sample_tokens,
+                     help=f"tokens of greedy continuation of {SAMPLE_PROMPT!r} put in the summary")
+    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device,
+                     help="where to train; auto: the GPU when torch sees one")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model")
+    run.add_argument("--resume", action="store_true", help="continue the run in OUT from its checkpoint")
+    run.add_argument("--overwrite", action="store_true", help="replace a run already in OUT")
+    run.add_argument("--stop-at", type=int, default=d.stop_at,
+                     help="stop after this step with a checkpoint (the schedule still spans --steps)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> LMConfig:
+    a = build_parser().parse_args(argv)
     return LMConfig(attention=a.attention, pos=a.pos, registers=a.registers, d_model=a.d_model,
                     n_layers=a.layers, n_heads=a.heads, context_length=a.context, steps=a.steps,
                     batch_size=a.batch_size, lr=a.lr, min_lr_ratio=a.min_lr_ratio,
                     warmup_steps=a.warmup, weight_decay=a.weight_decay, grad_clip=a.grad_clip,
-                    seed=a.seed, data=a.data, data_source=a.data_source, tokenizer=a.tokenizer,
+                    seed=a.seed, data=a.data, data_source=a.data_source, train_stories=a.train_stories,
+                    validation_stories=a.validation_stories, tokenizer=a.tokenizer,
                     bpe_vocab_size=a.bpe_vocab, eval_every=a.eval_every, eval_batches=a.eval_batches,
                     log_every=a.log_every, checkpoint_every=a.checkpoint_every,
                     sample_tokens=a.sample_tokens, out=a.out, device=a.device, compile=a.compile,
-                    resume=a.resume, stop_at=a.stop_at)
+                    resume=a.resume, overwrite=a.overwrite, stop_at=a.stop_at)
 
 
 def main(argv: list[str] | None = None) -> None:

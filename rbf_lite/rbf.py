@@ -10,12 +10,14 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+import numbers
 import os
 
 import torch
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the fused kernels'
+REFERENCE_DTYPES = SUPPORTED_DTYPES + (torch.float64,)
 BACKENDS = ("auto", "triton", "torch")
 
 
@@ -51,16 +53,16 @@ def _capability(index: int | None) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allow_float64: bool) -> None:
-    dtypes = SUPPORTED_DTYPES + ((torch.float64,) if allow_float64 else ())
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """What every backend needs (what only the fused kernels need: `_fused_kernels_refusal`)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must have shape (B, H, N, D), got {t.dim()} dims: {tuple(t.shape)}")
-        if t.dtype not in dtypes:
-            raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32"
-                            + (" and float64 (backend='torch' only)" if not allow_float64 else ", float64"))
+        if t.dtype not in REFERENCE_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32, float64 "
+                            f"(float64 by the PyTorch reference only)")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
@@ -74,6 +76,50 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allow_float
         raise ValueError(f"q, k, v must share the head dimension D, got {dq}, {dk}, {dv}")
     if nk == 0 or q.shape[2] == 0:
         raise ValueError(f"sequence length must be >= 1, got q {q.shape[2]}, k {nk}")
+
+
+def _fused_kernels_refusal(q: torch.Tensor) -> Exception | None:
+    """The error backend='triton' raises for inputs the fused kernels cannot take, or None."""
+    hint = "; backend='auto' or 'torch' runs the PyTorch reference"
+    if q.dtype not in SUPPORTED_DTYPES:
+        return TypeError(f"backend='triton' takes float16, bfloat16 and float32, not {q.dtype}{hint}")
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        return ValueError(f"backend='triton': head dimension D={q.shape[-1]} is not supported; "
+                          f"supported: {SUPPORTED_HEAD_DIMS}{hint}")
+    return None
+
+
+def _use_triton(q: torch.Tensor, backend: str) -> bool:
+    """Whether to run the fused kernels: "auto" takes them when they can run these inputs here."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return False
+    refusal = _fused_kernels_refusal(q)
+    if backend == "auto":
+        return refusal is None and triton_available(q.device)
+    if refusal is not None:
+        raise refusal
+    if not triton_available(q.device):
+        raise RuntimeError("backend='triton' needs Triton on a CUDA GPU with compute capability >= 8.0, "
+                           "or TRITON_INTERPRET=1 for CPU tensors; use backend='torch' or 'auto'")
+    return True
+
+
+def _resolve_scale(scale, head_dim: int) -> float:
+    """`scale` as a Python float (default 1/sqrt(D)); a one-element real tensor counts as a number."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1 or scale.is_complex() or scale.dtype == torch.bool:
+            raise ValueError(f"scale must be a number or a one-element real tensor, got a {scale.dtype} "
+                             f"tensor of shape {tuple(scale.shape)}")
+        scale = scale.item()
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number, got {float(scale)}")
+    return float(scale)
 
 
 def rbf_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
@@ -111,30 +157,21 @@ def rbf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     in (0, 1], rows no longer summing to 1 (the seed's experimental variant).
     backend: "triton" runs the fused FlashAttention-style kernels (GPU with compute capability
     >= 8.0, or any device under TRITON_INTERPRET=1); "torch" runs `rbf_attention_reference`;
-    "auto" picks Triton when it can run and the reference otherwise. scale defaults to 1/sqrt(D).
-    Inputs may be strided views (e.g. slices of one fused qkv projection): the kernels read them
-    through their strides without copying.
+    "auto" picks Triton when it can run these inputs here (fp16/bf16/fp32, D in 16/32/64/128) and
+    the reference otherwise (e.g. float64, or the CPU). scale defaults to 1/sqrt(D); a one-element
+    tensor counts as a number. Inputs may be strided views (e.g. slices of one fused qkv
+    projection): the kernels read them through their strides without copying.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    _check_inputs(q, k, v, allow_float64=backend == "torch")
-    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head dimension D={q.shape[-1]} is not supported; supported: {SUPPORTED_HEAD_DIMS}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    _check_inputs(q, k, v)
+    use_triton = _use_triton(q, backend)
+    scale = _resolve_scale(scale, q.shape[-1])
     if causal and q.shape[2] > k.shape[2]:
         raise ValueError(f"causal attention needs at least as many keys as queries (queries are aligned "
                          f"with the last keys), got {q.shape[2]} queries and {k.shape[2]} keys")
-    use_triton = backend == "triton" or (backend == "auto" and triton_available(q.device))
-    if backend == "triton" and not triton_available(q.device):
-        raise RuntimeError("backend='triton' needs Triton on a CUDA GPU with compute capability >= 8.0, "
-                           "or TRITON_INTERPRET=1 for CPU tensors; use backend='torch' or 'auto'")
     if not use_triton:
-        return rbf_attention_reference(q, k, v, causal, float(scale), normalize=normalize)
+        return rbf_attention_reference(q, k, v, causal, scale, normalize=normalize)
     from .kernels.rbf_attention import rbf_attention_op
-    return rbf_attention_op(q, k, v, causal, float(scale), normalize)
+    return rbf_attention_op(q, k, v, causal, scale, normalize)
 
 
 def rbf_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -149,13 +186,10 @@ def rbf_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     strided views (e.g. the filled part of a preallocated buffer). Inference only: when gradients
     are needed it runs `rbf_attention`, which has a backward.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    _check_inputs(q, k_cache, v_cache, allow_float64=backend == "torch")
+    _check_inputs(q, k_cache, v_cache)
+    use_triton = _use_triton(q, backend)
     B, H, N, D = q.shape
     M = k_cache.shape[2]
-    if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head dimension D={D} is not supported; supported: {SUPPORTED_HEAD_DIMS}")
     if N > M:
         raise ValueError(f"decoding needs at least as many cached keys as queries, got {N} queries and {M} keys")
     if key_sqnorms is not None:
@@ -164,15 +198,11 @@ def rbf_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                              f"{key_sqnorms.dtype} {tuple(key_sqnorms.shape)}")
         if key_sqnorms.device != q.device or (M > 1 and key_sqnorms.stride(-1) != 1):
             raise ValueError("key_sqnorms must be on the queries' device and contiguous along the keys")
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    use_triton = backend == "triton" or (backend == "auto" and triton_available(q.device))
-    if backend == "triton" and not triton_available(q.device):
-        raise RuntimeError("backend='triton' needs Triton on a CUDA GPU with compute capability >= 8.0, "
-                           "or TRITON_INTERPRET=1 for CPU tensors; use backend='torch' or 'auto'")
+    scale = _resolve_scale(scale, D)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache))
     if not use_triton:
-        return rbf_attention_reference(q, k_cache, v_cache, causal=True, scale=float(scale))
+        return rbf_attention_reference(q, k_cache, v_cache, causal=True, scale=scale)
     if needs_grad or N > 64:
         return rbf_attention(q, k_cache, v_cache, causal=True, scale=scale, backend="triton")
     from .kernels.rbf_decode import rbf_decode_triton
-    return rbf_decode_triton(q, k_cache, v_cache, key_sqnorms, float(scale))
+    return rbf_decode_triton(q, k_cache, v_cache, key_sqnorms, scale)

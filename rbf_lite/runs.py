@@ -3,7 +3,8 @@
 A result is only worth keeping if it says where it came from, so `environment()` records device,
 library versions, git commit and the exact command; `JsonlLog` appends one JSON object per line,
 so a crashed run still leaves a readable log; checkpoints carry every RNG state so that a resumed
-run continues exactly where the interrupted one stopped.
+run continues exactly where the interrupted one stopped; `prepare_run_dir` keeps a new run from
+silently writing over an old one.
 """
 from __future__ import annotations
 
@@ -85,6 +86,35 @@ def environment(device: torch.device | str | None = None) -> dict[str, Any]:
         "command": command_line(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+# A folder holding any of these holds a run; --overwrite also deletes what the trainers write beside
+# them (cifar: latents.npz; lm: tokenizer.json, attention_maps.json), so no file of the old run survives.
+RUN_FILES = ("summary.json", "log.jsonl", "checkpoint.pt")
+RUN_OUTPUTS = (*RUN_FILES, "checkpoint.pt.tmp", "latents.npz", "tokenizer.json", "attention_maps.json")
+
+
+def prepare_run_dir(out: str | Path, resume: bool, overwrite: bool) -> Path:
+    """Create the run folder `out`; refuse one that already holds a run unless told what to do.
+
+    `resume` keeps the old run's files (the trainer continues from its checkpoint); `overwrite`
+    deletes them first. Without either, a folder with a run raises FileExistsError.
+    """
+    out = Path(out)
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: continue the run in "
+                         f"{out} or replace it, not both")
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"the run folder {out} is a file")
+    out.mkdir(parents=True, exist_ok=True)
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    if overwrite:
+        for name in RUN_OUTPUTS:
+            (out / name).unlink(missing_ok=True)
+    elif held and not resume:
+        raise FileExistsError(f"{out} already holds a run ({', '.join(held)}): pass --resume to continue "
+                              f"it or --overwrite to replace it, or choose another output folder")
+    return out
 
 
 class JsonlLog:

@@ -1,4 +1,5 @@
-"""Every attention kind against an independent float64 formula, with and without a KV cache."""
+"""Every attention kind against an independent float64 formula, with and without a KV cache;
+which backend `rbf_attention` runs, and the scale it takes."""
 import math
 import warnings
 
@@ -6,8 +7,9 @@ import pytest
 import torch
 
 from rbf_lite import attention as attention_module
+from rbf_lite import rbf as rbf_module
 from rbf_lite.attention import ATTENTION_KINDS, CausalSelfAttention, KVCache, rbf_flex_attention
-from rbf_lite.rbf import rbf_attention_reference
+from rbf_lite.rbf import rbf_attention, rbf_attention_reference, rbf_decode, triton_available
 
 D_MODEL, HEADS = 64, 2
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -129,3 +131,80 @@ def test_attention_maps_refuse_large_inputs(monkeypatch):
     layer = CausalSelfAttention(D_MODEL, HEADS, "rbf")
     with warnings.catch_warnings(), pytest.raises(ValueError, match="shorter"):
         layer(torch.randn(1, 16, D_MODEL), torch.arange(16), return_attn=True)
+
+
+# ---------------------------------------------------------------------------- rbf_attention's inputs
+def spy_on_reference(monkeypatch) -> list:
+    """Record each call of the PyTorch reference made by `rbf_attention` / `rbf_decode`."""
+    calls = []
+    monkeypatch.setattr(rbf_module, "rbf_attention_reference",
+                        lambda *args, **kwargs: calls.append(args[0].dtype) or rbf_attention_reference(*args, **kwargs))
+    return calls
+
+
+@pytest.mark.parametrize("triton_interpreter", [True, False])
+def test_auto_runs_the_reference_for_float64(triton_interpreter, monkeypatch):
+    """float64 is the reference's precision, not the kernels': "auto" must run it, wherever it is."""
+    if not triton_interpreter:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    calls = spy_on_reference(monkeypatch)
+    q, k, v = (torch.randn(1, 2, 7, 16, dtype=torch.float64) for _ in range(3))
+    out = rbf_attention(q, k, v)
+    assert out.dtype == torch.float64 and calls == [torch.float64]
+    torch.testing.assert_close(out, rbf_attention_reference(q, k, v), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rbf_decode(q[:, :, -2:], k, v), out[:, :, -2:], rtol=1e-12, atol=1e-12)
+
+
+def test_auto_runs_the_reference_for_head_dims_the_kernels_lack(monkeypatch):
+    calls = spy_on_reference(monkeypatch)
+    q, k, v = (torch.randn(1, 2, 7, 24) for _ in range(3))
+    torch.testing.assert_close(rbf_attention(q, k, v), rbf_attention_reference(q, k, v))
+    assert calls == [torch.float32]
+
+
+def test_auto_keeps_the_fused_kernels_where_they_run(monkeypatch):
+    if not triton_available("cpu" if not torch.cuda.is_available() else "cuda"):
+        pytest.skip("the fused kernels cannot run here")
+    calls = spy_on_reference(monkeypatch)
+    q = torch.randn(1, 2, 7, 16, device="cuda" if torch.cuda.is_available() else "cpu")
+    rbf_attention(q, q, q)
+    assert calls == []
+
+
+@pytest.mark.parametrize("dtype, head_dim, error, match", [
+    (torch.float64, 16, TypeError, "float64; backend='auto' or 'torch' runs the PyTorch reference"),
+    (torch.float32, 24, ValueError, "D=24 is not supported; supported: \\(16, 32, 64, 128\\); backend='auto'"),
+])
+def test_triton_backend_names_what_it_cannot_run(dtype, head_dim, error, match):
+    q = torch.randn(1, 1, 4, head_dim, dtype=dtype)
+    with pytest.raises(error, match=match):
+        rbf_attention(q, q, q, backend="triton")
+    with pytest.raises(error, match=match):
+        rbf_decode(q, q, q, backend="triton")
+
+
+@pytest.mark.parametrize("make", [lambda: torch.tensor(0.5), lambda: torch.tensor([0.5], dtype=torch.float64),
+                                  lambda: torch.tensor(1, dtype=torch.int64) / 2])
+def test_tensor_scale_counts_as_a_number(make):
+    q, k, v = (torch.randn(1, 2, 6, 16) for _ in range(3))
+    want = rbf_attention(q, k, v, scale=0.5)
+    torch.testing.assert_close(rbf_attention(q, k, v, scale=make()), want)
+    torch.testing.assert_close(rbf_decode(q, k, v, scale=make()), want)
+
+
+@pytest.mark.parametrize("scale, match", [
+    (torch.tensor(0.0), "positive finite number, got 0.0$"),
+    (torch.tensor(-0.5), "positive finite number, got -0.5$"),
+    (torch.tensor(float("nan")), "positive finite number, got nan$"),
+    (float("inf"), "positive finite number, got inf$"),
+    (torch.tensor([0.5, 0.5]), "one-element real tensor, got a torch.float32 tensor of shape \\(2,\\)"),
+    (torch.tensor(0.5j), "one-element real tensor"),
+    (True, "positive finite number, got True"),
+    ("0.5", "positive finite number, got '0.5'"),
+])
+def test_bad_scale_is_named_as_a_number(scale, match):
+    q = torch.randn(1, 1, 4, 16)
+    with pytest.raises(ValueError, match=match):
+        rbf_attention(q, q, q, scale=scale)
+    with pytest.raises(ValueError, match=match):
+        rbf_decode(q, q, q, scale=scale)

@@ -39,7 +39,7 @@ def toc_files(caption: str | None = None) -> list[str]:
 
 
 PAGES = toc_files()
-PLAIN_PAGES = ["book/references"]  # not notebooks: no code, no Colab button
+PLAIN_PAGES = ["book/references", "book/kernel_notes"]  # not notebooks: no code, no Colab button
 CHAPTERS = [doc for doc in PAGES if doc not in PLAIN_PAGES]
 GEOMETRY = toc_files("Geometry")
 # Chapters with an interactive figure, static and live: the Geometry part, and the geometry of
@@ -101,6 +101,49 @@ def test_chapter_starts_with_colab_setup(doc):
         "the install URL must be _config.yml's repository.url and branch"
     assert "viz.runtime_report()" in setup
     assert "from rbf_lite import" in setup, "chapters compute with rbf_lite"
+
+
+def code_cells(doc: str) -> list[tuple[str, list[str]]]:
+    return [(c.source, c.metadata.get("tags", [])) for c in jupytext.read(ROOT / f"{doc}.md").cells
+            if c.cell_type == "code"]
+
+
+@pytest.mark.parametrize("doc", CHAPTERS)
+def test_install_cell_comes_first_and_is_collapsed_on_the_site(doc):
+    source, tags = code_cells(doc)[0]
+    assert "google.colab" in source and "pip" in source, "the first code cell must be the install cell"
+    assert "hide-input" in tags, "the install cell carries the tag hide-input (collapsed on the site)"
+
+
+LIVE_WIDGET = re.compile(r"_explorer\(live=True\)")
+
+
+def guarded(source: str) -> bool:
+    """The whole cell runs under `if RUN_EXPERIMENTS`: its first statement is that `if` and every
+    line after it is indented into it (comments and blank lines aside)."""
+    lines = [line for line in source.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return bool(lines) and re.match(r"if RUN_EXPERIMENTS\b", lines[0]) is not None and \
+        all(line.startswith((" ", "\t")) for line in lines[1:])
+
+
+@pytest.mark.parametrize("doc", CHAPTERS)
+def test_heavy_cells_sit_behind_one_switch_so_colab_run_all_is_safe(doc):
+    """Cells the website skips (other than live widgets) are the heavy experiments: Colab's "Run all"
+    would run them, so the chapter defines RUN_EXPERIMENTS = False before them and guards them."""
+    cells = code_cells(doc)
+    heavy = [i for i, (source, tags) in enumerate(cells)
+             if "skip-execution" in tags and not LIVE_WIDGET.search(source)]
+    switch = [i for i, (source, _) in enumerate(cells) if re.search(r"^RUN_EXPERIMENTS = False\b", source, re.M)]
+    assert not any(re.search(r"^\s*RUN_EXPERIMENTS\s*=\s*True", source, re.M) for source, _ in cells), \
+        "the switch is committed off"
+    if not heavy:
+        return
+    assert switch == [1], "one `RUN_EXPERIMENTS = False` cell, right after the install cell"
+    unguarded = [cells[i][0].splitlines()[0] for i in heavy if not guarded(cells[i][0])]
+    assert not unguarded, f"skip-execution cells not guarded by `if RUN_EXPERIMENTS:`: {unguarded}"
+    for i in heavy:
+        for command in re.findall(r"^\s*!(.*)$", cells[i][0], re.M):
+            assert "--data " not in command, f"Colab has no local data folder; read the hub: {command[:80]}"
 
 
 def test_package_knows_the_repository():
@@ -167,3 +210,22 @@ def test_explorers_static_and_live():
     sliders[0].value = 3  # redraws without a front end
     for make in (viz.key_norm_explorer, viz.score_form_explorer, viz.sphere_gradient_explorer):
         assert isinstance(make(live=True), widgets.VBox)
+
+
+def test_page_tables_show_readable_numbers_and_no_index():
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("plotly")
+    from rbf_lite import viz
+
+    assert viz.number(528730.888) == "528,731" and viz.number(1.1920928955078125e-07) == "1.192e-07"
+    assert viz.number(0.916290731874155) == "0.9163" and viz.number(3) == "3" and viz.number("x") == "x"
+    frame = pd.DataFrame({"tokens_per_s": [528730.888, 12.5], "name": ["a|b", "c"]},
+                         index=pd.Index(["row0", "row1"], name="variant"))
+    text = viz.table(frame, {"name": "variant name", "tokens_per_s": "tokens/s"}).data
+    assert text.splitlines() == ["| variant name | tokens/s |", "|:---|---:|",
+                                 "| a\\|b | 528,731 |", "| c | 12.5 |"]
+    assert "row0" not in text, "a DataFrame's index is not shown unless reset into a column"
+    rows = viz.table([{"lr": 0.3, "ratio": 1.23456}], formats={"ratio": "{:.2f}x"}).data
+    assert rows.splitlines()[-1] == "| 0.3 | 1.23x |"
+    with pytest.raises(KeyError, match="no column"):
+        viz.table(frame, {"missing": "x"})

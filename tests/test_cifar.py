@@ -4,6 +4,8 @@ Tests that need CIFAR-10 skip cleanly when ../shared/data (or $RBF_LITE_DATA) do
 The first run decodes all 60k JPEGs into the cache (about 10 s); later runs load the cache.
 """
 import json
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -124,6 +126,8 @@ def test_cli_writes_summary_and_resumes_exactly(cifar10_test, tmp_path):
              "--width", "4", "--batch-size", "32", "--ood", "mnist,uniform-noise", "--device", "cpu",
              "--latent-points", "20"]
     straight = cifar.main(flags + ["--out", str(tmp_path / "straight")])
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        cifar.main(flags + ["--out", str(tmp_path / "straight")])
     stored = json.loads((tmp_path / "straight" / "summary.json").read_text())
     for key in ("config", "device", "torch", "commit", "command", "accuracy", "nll", "ece"):
         assert key in stored
@@ -169,3 +173,112 @@ def test_bad_configuration(tmp_path):
         cifar.Config(grad_clip=-1.0)
     with pytest.raises(ValueError, match="unknown OOD sets"):
         cifar.Config(ood="mnist,imagenet-o")
+
+
+# ---------------------------------------------------------------------------- offline, run folders
+def fake_cifar10(name, split, path=None):
+    """A small random stand-in for CIFAR-10, so that these tests need no data."""
+    rng = np.random.default_rng(0 if split == "train" else 1)
+    return image_data.ImageSet(rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), np.arange(64) % 10,
+                               tuple(f"class{i}" for i in range(10)), name)
+
+
+@pytest.fixture
+def fresh_probe():
+    """Forget the cached hub probe before and after, so no test sees another's (fake) answer."""
+    probe = rbf_lite.data._probe
+    probe.cache_clear()
+    yield
+    probe.cache_clear()
+
+
+@pytest.mark.parametrize("var", ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"])
+def test_offline_switches_skip_the_hub_without_probing(var, monkeypatch):
+    probed = []
+    monkeypatch.setattr(rbf_lite.data, "_probe", lambda url: probed.append(url))
+    for other in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(other, raising=False)
+    monkeypatch.setenv(var, "0")
+    assert rbf_lite.data.hub_unreachable() is None and len(probed) == 1
+    monkeypatch.setenv(var, "1")
+    assert rbf_lite.data.hub_unreachable() == f"the Hugging Face hub is switched off ({var}=1)"
+    assert len(probed) == 1
+
+
+def test_the_hub_is_probed_once_per_process(monkeypatch, fresh_probe):
+    import urllib.error
+    calls = []
+
+    def no_network(request, timeout):
+        calls.append((request.full_url, timeout))
+        raise urllib.error.URLError("no route to host")
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example")
+    monkeypatch.setattr(rbf_lite.data.urllib.request, "urlopen", no_network)
+    for _ in range(3):
+        assert rbf_lite.data.hub_unreachable() == "the Hugging Face hub is unreachable (https://hub.example: no route to host)"
+    assert calls == [("https://hub.example", rbf_lite.data.HUB_TIMEOUT_S)]
+
+    rbf_lite.data._probe.cache_clear()  # an HTTP error is an answer: the hub is there
+    monkeypatch.setattr(rbf_lite.data.urllib.request, "urlopen", lambda request, timeout: (_ for _ in ()).throw(
+        urllib.error.HTTPError(request.full_url, 403, "Forbidden", None, None)))
+    assert rbf_lite.data.hub_unreachable() is None
+
+
+def test_offline_hub_sets_are_skipped_at_once_with_a_note(tmp_path, monkeypatch, capsys):
+    """Offline, SVHN and CIFAR-100 are skipped without asking `datasets` (which retries for ~25 s each)."""
+    hub_calls = []
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(
+        load_dataset=lambda *args, **kwargs: hub_calls.append(args) or pytest.fail("asked the hub")))
+    monkeypatch.setattr(rbf_lite.data, "hub_unreachable", lambda: "the hub is unreachable (test)")
+    monkeypatch.setattr(image_data, "hub_unreachable", rbf_lite.data.hub_unreachable)
+    monkeypatch.setattr(cifar, "hub_unreachable", rbf_lite.data.hub_unreachable)
+    monkeypatch.setattr(rbf_lite.data, "candidate_roots", lambda path=None: [tmp_path])
+    monkeypatch.setenv("RBF_LITE_CACHE", str(tmp_path / "cache"))
+    real_load = image_data.load_dataset
+    monkeypatch.setattr(image_data, "load_dataset",
+                        lambda name, split, path=None: (fake_cifar10 if name == "cifar10" else real_load)(name, split, path))
+
+    _, _, ood, skipped = cifar.load_data(tiny_config(tmp_path, subset=None, ood="svhn,cifar100,uniform-noise"))
+    assert hub_calls == []
+    assert set(ood) == {"uniform-noise"} and set(skipped) == {"svhn", "cifar100"}
+    assert "the hub is unreachable (test)" in skipped["svhn"]
+    assert capsys.readouterr().err.splitlines() == [
+        f"OOD set {name} skipped: no local copy, and the hub is unreachable (test)" for name in ("svhn", "cifar100")]
+
+
+def test_a_folder_with_a_run_is_refused_before_any_data_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr(cifar, "Trainer", lambda cfg: pytest.fail("built a trainer (and loaded data)"))
+    (tmp_path / "summary.json").write_text("{}")
+    with pytest.raises(FileExistsError, match=f"{tmp_path} already holds a run \\(summary.json\\).*--resume.*--overwrite"):
+        cifar.main(["--out", str(tmp_path), "--device", "cpu"])
+    assert (tmp_path / "summary.json").read_text() == "{}"
+
+
+def test_overwrite_starts_from_an_empty_folder(tmp_path, monkeypatch):
+    seen = []
+
+    class Recorder:
+        def __init__(self, cfg):
+            seen.append(sorted(p.name for p in tmp_path.iterdir()))
+
+        def run(self):
+            return {"accuracy": 0.5, "nll": 1.0, "ece": 0.1}
+
+    for name in ("summary.json", "log.jsonl", "checkpoint.pt", "latents.npz"):
+        (tmp_path / name).write_text("old")
+    monkeypatch.setattr(cifar, "Trainer", Recorder)
+    cifar.main(["--out", str(tmp_path), "--overwrite", "--device", "cpu"])
+    assert seen == [[]]
+
+
+def test_the_trainer_refuses_a_folder_with_a_run_too(tmp_path, monkeypatch):
+    """`Trainer.run` guards the folder itself, for callers that do not go through the CLI."""
+    monkeypatch.setattr(image_data, "load_dataset", fake_cifar10)
+    trainer = cifar.Trainer(tiny_config(tmp_path, width=4, subset=None, test_subset=None, ood="", epochs=1))
+    (tmp_path / "log.jsonl").write_text("old\n")
+    with pytest.raises(FileExistsError, match="log.jsonl"):
+        trainer.run()
+    assert (tmp_path / "log.jsonl").read_text() == "old\n"

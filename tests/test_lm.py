@@ -4,9 +4,10 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from rbf_lite.attention import ATTENTION_KINDS, KVCache
 from rbf_lite.bench.lm_step import CASES
 from rbf_lite.bench.lm_step import main as run_step_benchmark
 from rbf_lite.inspect_norms import key_norm_histograms, norm_trajectories, prompt_attention_maps, qk_norms
-from rbf_lite.lm import LMConfig, load_run, parse_args, train
+from rbf_lite.lm import LMConfig, build_parser, load_run, parse_args, train
 from rbf_lite.models.gpt import GPT, GPTConfig
 from rbf_lite.positional import POSITIONAL_KINDS
 from rbf_lite.runs import read_jsonl
@@ -206,6 +207,31 @@ def test_resume_refuses_a_changed_config_or_a_missing_checkpoint(generated_text,
         train(replace(config, resume=True, lr=1e-2))
     with pytest.raises(ValueError, match="already at step 2"):
         train(replace(config, resume=True, stop_at=2))
+
+
+def test_an_existing_run_is_neither_overwritten_nor_mixed_without_a_flag(generated_text, tmp_path):
+    config = tiny(tmp_path / "run", generated_text, steps=2)
+    first = train(config)
+    log_lines = (tmp_path / "run" / "log.jsonl").read_text()
+    with pytest.raises(FileExistsError, match="--resume|--overwrite"):
+        train(config)
+    assert (tmp_path / "run" / "log.jsonl").read_text() == log_lines, "the refused run touched the folder"
+    again = train(replace(config, overwrite=True))
+    assert again["train_loss"] == first["train_loss"], "--overwrite starts the run afresh"
+    assert parse_args(["--overwrite"]).overwrite and not parse_args([]).overwrite
+
+
+def test_cli_help_gives_every_option_a_sentence_and_its_default():
+    parser = build_parser()
+    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert len(options) == len(fields(LMConfig)), "every LMConfig field has one option"
+    text = parser.format_help()
+    for action in options:
+        flag = action.option_strings[0]
+        block = re.search(rf"\n  {re.escape(flag)}\b(.*?)(?=\n  -|\n\n|\Z)", text, re.S)
+        assert block, f"{flag} is missing from --help"
+        body = " ".join(block.group(1).split())
+        assert re.search(r"[a-z]{3,} .*\(default: [^)]*\)$", body), f"{flag}: no sentence or no default: {body!r}"
 
 
 def run_cli(args: list[str], out: Path, nproc: int = 1) -> dict:

@@ -102,3 +102,122 @@ def test_kernel_targets_compare_every_measurement():
     assert float(high) == pytest.approx(max(r["graph_vs_sdpa"] for r in steps), abs=0.005)
     every = [r[key] for r in steps for key in ("vs_sdpa", "loop_vs_sdpa", "graph_vs_sdpa")]
     assert table.loc[("decode step", "batch 1-64, cache 1k-32k"), "met"] == (max(every) <= 1.20)
+
+
+def test_sweep_table_keeps_every_epoch_in_a_few_columns():
+    table = report.sweep_table(RESULTS)
+    runs = report.cifar_summaries("cifar10-sweep", RESULTS)
+    assert list(table.columns) == [s["run"] for s in runs] and len(table.columns) <= 5
+    log = [json.loads(line) for line in (RESULTS / "cifar10-sweep" / runs[0]["run"] / "log.jsonl").read_text().splitlines()]
+    accuracy = [r["test_accuracy"] for r in log if "test_accuracy" in r]
+    assert table.loc[f"epoch {len(accuracy)}", runs[0]["run"]] == f"{accuracy[-1]:.1%}"
+
+
+def test_relative_command_points_at_the_committed_result():
+    command = ("python -m rbf_lite.cifar --loss cce --data .gpu/data --ood '' "
+               "--out /tmp/results/cifar10/cce-seed0")
+    assert report.relative_command(command, "cifar10/cce-seed0/summary.json") == (
+        "python -m rbf_lite.cifar --loss cce --data $RBF_LITE_DATA --ood '' --out results/cifar10/cce-seed0")
+    bench = report.relative_command("python -m rbf_lite.bench --out /root/out/a.json", "bench/a.json")
+    assert bench.endswith("--out results/bench/a.json")
+    text = report.relative_command("python -m rbf_lite.lm --data .gpu/data/tinystories --steps 600", "x/summary.json")
+    assert "--data $RBF_LITE_DATA/tinystories" in text
+
+
+def test_shell_lines_fit_the_column_and_keep_options_whole():
+    command = "python -m rbf_lite.lm " + " ".join(f"--option-{i} {i * 1000}" for i in range(20))
+    text = report.shell_lines(command, width=60)
+    lines = text.splitlines()
+    assert len(lines) > 1 and all(len(line) <= 60 for line in lines)
+    assert all(line.endswith(" \\") for line in lines[:-1])
+    assert " ".join(line.rstrip(" \\").strip() for line in lines) == command
+    assert all(line.split()[-2 if i < len(lines) - 1 else -1].isdigit() for i, line in enumerate(lines))
+    long_value = "python -m rbf_lite.bench --variants " + ",".join(["sdpa_qknorm"] * 4) + " --rep-ms 150"
+    lines = report.shell_lines(long_value, width=60).splitlines()
+    assert all(len(line) <= 60 for line in lines) and lines[0].endswith("--variants \\")
+
+
+def _chapter(folder, name, *cells):
+    """A chapter notebook of code cells, each (source, tags)."""
+    folder.mkdir(exist_ok=True)
+    notebook = {"cells": [{"cell_type": "code", "metadata": {"tags": tags}, "source": source, "outputs": []}
+                          for source, tags in cells] + [{"cell_type": "markdown", "metadata": {},
+                                                         "source": "cce and cifar10-sweep in the text"}],
+                "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    (folder / f"{name}.ipynb").write_text(json.dumps(notebook))
+
+
+def test_chapters_loading_matches_whole_paths_not_substrings(tmp_path):
+    files = ["cifar10/cce-seed0/summary.json", "cifar10-openset/cce-seed0/summary.json",
+             "cifar10-sweep/cce/summary.json", "bench/attention_bf16.json", "bench/lm_step.json",
+             "multi-gpu/rehearsal/summary.json"]
+    book = tmp_path / "book"
+    _chapter(book, "halo", ('runs = report.cifar_summaries("cifar10")\nlabel = "cce"', []),
+             ('!ls results', []))
+    _chapter(book, "kernel", ('bench = {n: load(f"bench/{n}") for n in ("attention_bf16.json",)}', []))
+    _chapter(book, "sweep", ("report.sweep_table()", []))
+    _chapter(book, "scaling", ('path = results / "multi-gpu" / "rehearsal"\nother = results / "bench"', []))
+    _chapter(book, "skipped", ('run("--out", "results/cifar10-openset/cce-seed0")', ["skip-execution"]))
+    found = report.chapters_loading(files, book)
+    assert found == {"cifar10/cce-seed0/summary.json": ["halo"],
+                     "cifar10-openset/cce-seed0/summary.json": [],
+                     "cifar10-sweep/cce/summary.json": ["sweep"],
+                     "bench/attention_bf16.json": ["kernel", "scaling"],
+                     "bench/lm_step.json": ["scaling"],
+                     "multi-gpu/rehearsal/summary.json": ["scaling"]}
+    with pytest.raises(FileNotFoundError, match="no chapters"):
+        report.chapters_loading(files, tmp_path / "empty")
+
+
+def test_chapters_loading_finds_what_the_books_chapters_read():
+    from rbf_lite.viz import training
+    table = training.provenance_table(RESULTS)
+    found = report.chapters_loading(table.index, RESULTS.parent / "book")
+    assert found["bench/cifar_epoch.json"] and "halo_cifar" in found["bench/cifar_epoch.json"]
+    assert found["cifar10-sweep/cce/summary.json"] == ["halo_cifar"]
+    unread = [file for file, chapters in found.items() if not chapters]
+    assert not unread, f"committed results no chapter reads: {unread}"
+
+
+def _title_room(fig, width=700, char_px=8.5):
+    """For each pair of neighbouring subplot titles at `width` px, the gap left between their texts
+    (negative: they overlap), estimating each character of the 16 px title font at `char_px`."""
+    margin = fig.layout.margin
+    plot = width - (80 if margin.l is None else margin.l) - (80 if margin.r is None else margin.r)
+    titles = sorted((a.x, len(a.text)) for a in fig.layout.annotations if a.yref == "paper" and a.y >= 0.99)
+    return [(x2 - x1) * plot - (n1 + n2) / 2 * char_px for (x1, n1), (x2, n2) in zip(titles, titles[1:])]
+
+
+def test_reliability_notes_sit_inside_their_own_panels():
+    from rbf_lite.viz import halo
+    cifar10 = report.cifar_summaries("cifar10", RESULTS)
+    fig = report.recorded_reliability(cifar10)
+    notes = [a for a in fig.layout.annotations if a.text.startswith("ECE")]
+    assert [a.xref for a in notes] == ["x domain", "x2 domain"] and all(a.xanchor == "left" for a in notes)
+    for loss, note in zip(("cce", "halo"), notes):
+        assert note.text == f"ECE {report.pm((s['ece'] for s in cifar10 if s['config']['loss'] == loss), 4)}"
+    assert min(_title_room(fig)) > 0
+    for figure in (halo.soap_bubble_figure(), halo.draw_confidence(2.0)):
+        assert min(_title_room(figure)) > 0
+
+
+def test_tiny_run_tables_show_each_head_and_score():
+    from rbf_lite.viz import halo
+    rng = np.random.default_rng(0)
+    runs = []
+    for loss, abstains in (("cce", False), ("halo", True)):
+        probs = rng.dirichlet(np.ones(3 + abstains), size=20)
+        labels = rng.integers(0, 3, size=20)
+        runs.append({"loss": loss, "abstains": abstains, "probs": probs, "labels": labels, "train_images": 2000,
+                     "train_loss": [1.0, 0.9], "seconds": 12.3,
+                     "metrics": metrics.classification(probs, labels, abstains),
+                     "detection": {"mnist": {s: {"auroc": 0.5, "fpr95": 0.9, "aupr": 0.4}
+                                             for s in metrics.ood_scores(probs, abstains)}}})
+    table = halo.tiny_run_table(runs)
+    assert list(table.columns) == ["linear head", "HALO"]
+    assert table.loc["abstain rate", "linear head"] == "–" and table.loc["training", "HALO"] == "2,000 images x 2 epochs"
+    assert table.loc["accuracy", "HALO"] == f"{runs[1]['metrics']['accuracy']:.1%}"
+    scores = halo.detection_table(runs)
+    assert list(scores["score"]) == ["MSP", "max-known", "1 − p(abstain)"]
+    panels = halo.tiny_run_panels(runs)
+    assert [note for _, _, note in panels] == [f"ECE {r['metrics']['ece']:.3f}" for r in runs]

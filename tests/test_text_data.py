@@ -1,5 +1,8 @@
 """TinyStories loading, tokenizers, token caches, packed windows and the errors on bad data."""
+import itertools
 import random
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -7,8 +10,8 @@ import torch
 
 from rbf_lite.data import DataNotFoundError
 from rbf_lite.data.text import (EOT, MalformedDataError, PackedWindows, ShuffledBatches, gpt2_tokenizer,
-                                load_tinystories, read_stories, split_stories, tokenize_to_memmap,
-                                train_bpe_tokenizer)
+                                load_tinystories, prepare_tinystories, read_stories, split_stories,
+                                tokenize_to_memmap, train_bpe_tokenizer)
 
 pytest.importorskip("tokenizers")
 
@@ -66,7 +69,7 @@ def test_offline_hub_failure_is_a_clear_error(monkeypatch):
     datasets = pytest.importorskip("datasets")
     asked = []
 
-    def unreachable(name, split):
+    def unreachable(name, split, **options):
         asked.append((name, split))
         raise ConnectionError("Couldn't reach the Hub")
 
@@ -75,6 +78,69 @@ def test_offline_hub_failure_is_a_clear_error(monkeypatch):
         load_tinystories(source="hub")
     assert asked == [("roneneldan/TinyStories", "train")]
     assert "Couldn't reach" in str(err.value) and "RBF_LITE_DATA" in str(err.value)
+
+
+def test_a_sample_keeps_the_first_stories_of_each_split(tmp_path):
+    stories = generated_stories(30)
+    (tmp_path / "train.txt").write_text(f"\n{EOT}\n".join(stories[:20]))
+    (tmp_path / "valid.txt").write_text(f"\n{EOT}\n".join(stories[20:]))
+    (tmp_path / "tinystories").mkdir()
+    for src, name in (("train.txt", "TinyStories-train.txt"), ("valid.txt", "TinyStories-valid.txt")):
+        (tmp_path / src).rename(tmp_path / "tinystories" / name)
+    sample = load_tinystories(tmp_path, train_stories=5, validation_stories=2)
+    assert sample.train == stories[:5] and sample.validation == stories[20:22]
+    assert sample.sources["train"].startswith("first 5 stories of ")
+    whole = load_tinystories(tmp_path, train_stories=100)  # more than the split holds: all of it
+    assert whole.train == stories[:20] and not whole.sources["train"].startswith("first")
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="train_stories must be a positive integer"):
+            load_tinystories(tmp_path, train_stories=bad)
+
+
+class FakeHub:
+    """Stands in for `datasets.load_dataset`: an endless streamed split (so a sample must stop
+    reading by itself) and a small whole split; records what was asked and how many rows were read."""
+
+    def __init__(self):
+        self.asked, self.rows_read = [], {}
+
+    def load_dataset(self, name, split, streaming=False):
+        self.asked.append((name, split, streaming))
+        if not streaming:
+            return {"text": [f"{split} story {i}." for i in range(7)] + ["  "]}
+        self.rows_read[split] = 0
+
+        def rows():
+            for i in itertools.count():
+                self.rows_read[split] += 1
+                yield {"text": "" if i == 1 else f"{split} story {i}."}
+        return rows()
+
+
+def test_a_hub_sample_streams_only_its_stories_and_the_whole_split_loads_in_full(monkeypatch):
+    hub = FakeHub()
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=hub.load_dataset))
+    sample = load_tinystories(source="hub", train_stories=3, validation_stories=2)
+    assert sample.train == ["train story 0.", "train story 2.", "train story 3."]  # the empty row skipped
+    assert sample.validation == ["validation story 0.", "validation story 2."]
+    assert hub.asked == [("roneneldan/TinyStories", "train", True), ("roneneldan/TinyStories", "validation", True)]
+    assert hub.rows_read == {"train": 4, "validation": 3}, "a sample reads no more rows than it needs"
+    assert sample.sources == {"train": "hub:roneneldan/TinyStories:train[:3]",
+                              "validation": "hub:roneneldan/TinyStories:validation[:2]"}
+    hub.asked.clear()
+    whole = load_tinystories(source="hub")
+    assert [streaming for _, _, streaming in hub.asked] == [False, False] and len(whole.train) == 7
+    assert whole.sources["train"] == "hub:roneneldan/TinyStories:train"
+
+
+def test_samples_of_different_sizes_get_their_own_token_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("RBF_LITE_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "stories.txt"
+    path.write_text(f"\n{EOT}\n".join(generated_stories(60)))
+    small = prepare_tinystories(path, tokenizer="bpe", bpe_vocab_size=300, train_stories=10)
+    large = prepare_tinystories(path, tokenizer="bpe", bpe_vocab_size=300, train_stories=40)
+    assert 0 < len(small.train) < len(large.train)
+    assert len(small.validation) == len(large.validation)
 
 
 def test_gpt2_tokenizer_from_local_files(shared_data):

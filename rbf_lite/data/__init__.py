@@ -1,14 +1,21 @@
 """Where data comes from: the hub when online, local files when given a path or RBF_LITE_DATA.
 
-`data_root()` resolves the local folder once, so every loader looks in the same place and every
-"not found" error can say where it looked and how to provide the data.
+`candidate_roots()` lists the local folders, so every loader looks in the same places and every
+"not found" error can say where it looked and how to provide the data. `hub_unreachable()` tells
+offline at once, so that loaders skip the hub instead of spending their retries on it.
 """
 from __future__ import annotations
 
+import functools
 import os
+import ssl
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 ENV_VAR = "RBF_LITE_DATA"
+OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")  # huggingface_hub's and datasets' switches
+HUB_TIMEOUT_S = 3.0
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -56,3 +63,33 @@ def cache_dir(name: str) -> Path:
     d = base / name
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be used now, or None when it answers.
+
+    Offline when HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set, or when the hub's endpoint
+    ($HF_ENDPOINT, else huggingface.co) gives no answer within a few seconds; that probe runs once
+    per process. Any answer, even an HTTP or TLS error, counts as reachable: the hub client decides.
+    """
+    for var in OFFLINE_VARS:
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"the Hugging Face hub is switched off ({var}={os.environ[var]})"
+    return _probe(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(url: str) -> str | None:
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=HUB_TIMEOUT_S).close()
+    except urllib.error.HTTPError:  # an answer, even if a refusal
+        return None
+    except urllib.error.URLError as error:
+        if isinstance(error.reason, ssl.SSLError):  # an answer too: urllib may trust other certificates
+            return None                              # than the hub client does
+        return f"the Hugging Face hub is unreachable ({url}: {error.reason})"
+    except ssl.SSLError:
+        return None
+    except OSError as error:  # a timeout, a reset connection
+        return f"the Hugging Face hub is unreachable ({url}: {error or type(error).__name__})"
+    return None

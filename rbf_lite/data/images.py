@@ -5,7 +5,8 @@ sets) and class names. Sources, in the order tried:
   * a local image-folder tree (`train/<class>/*.jpg`, `test/<class>/*.jpg`) or a .tar.gz of one,
     decoded once and cached as .npz under `cache_dir("images")` (all 60k CIFAR-10 JPEGs decode in
     about 7 s on one CPU core);
-  * CIFAR-10, CIFAR-100 and SVHN from the Hugging Face hub through `datasets`, when online;
+  * CIFAR-10, CIFAR-100 and SVHN from the Hugging Face hub through `datasets`, when online
+    (offline, the hub is skipped at once rather than retried);
   * MNIST and Fashion-MNIST test sets from IDX files, grey 28x28 padded to 32x32 and repeated
     to RGB: far-OOD sets for a CIFAR model;
   * synthetic uniform and Gaussian noise images;
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import DataNotFoundError, cache_dir, find_local, not_found
+from . import DataNotFoundError, cache_dir, find_local, hub_unreachable, not_found
 from ..runs import progress
 
 SIZE = 32
@@ -160,6 +161,9 @@ def load_image_folder(location: str | Path, split: str, name: str | None = None)
 
 # ---------------------------------------------------------------------------- hub datasets
 def _from_hub(name: str, split: str) -> dict[str, np.ndarray]:
+    offline = hub_unreachable()
+    if offline is not None:  # `datasets` would retry for tens of seconds before failing
+        raise ConnectionError(offline)
     import datasets
 
     repo, config, image_column, label_column = HUB[name]

@@ -1,7 +1,8 @@
 """TinyStories as packed token windows: local text files or the Hugging Face hub, two tokenizers.
 
 Stories are read from local files when found (an explicit path, $RBF_LITE_DATA, ../shared/data),
-else from the hub (`roneneldan/TinyStories`). Files may use the official layout (stories separated
+else from the hub (`roneneldan/TinyStories`). A sample (the first N stories of a split) is streamed
+from the hub, so it needs neither the full 1.9 GB download nor its tokenization. Files may use the official layout (stories separated
 by `<|endoftext|>` lines), blank-line-separated paragraphs, or (if neither occurs) one story per
 line. A file with no validation companion gives up its last stories as the validation split.
 
@@ -17,6 +18,7 @@ and cross story boundaries, and the end-of-text token tells the model where one 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import re
 from dataclasses import dataclass, field
@@ -103,19 +105,40 @@ def _find_split(split: str, path: str | Path | None) -> Path | None:
     return None
 
 
+def _check_sample_sizes(sizes: dict[str, int | None]) -> None:
+    for split, n in sizes.items():
+        if n is not None and not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
+            raise ValueError(f"{split}_stories must be a positive integer or None (the whole split), "
+                             f"got {n!r}")
+
+
+def _first_stories(stories: Stories, sizes: dict[str, int | None]) -> Stories:
+    """Keep the first N stories of each split whose size is given; the sources say so."""
+    for split, n in sizes.items():
+        kept = getattr(stories, split)
+        if n is not None and n < len(kept):
+            setattr(stories, split, kept[:n])
+            stories.sources[split] = f"first {n} stories of {stories.sources[split]}"
+    return stories
+
+
 def load_tinystories(path: str | Path | None = None, source: str = "auto",
-                     validation_fraction: float = 0.05) -> Stories:
+                     validation_fraction: float = 0.05, train_stories: int | None = None,
+                     validation_stories: int | None = None) -> Stories:
     """TinyStories train/validation stories from local files (source 'local'), the hub ('hub'),
     or local when found and the hub otherwise ('auto').
 
     `path` may be a text file (its last `validation_fraction` of stories become the validation
     split) or a folder holding the files named in LOCAL_FILES; without it, RBF_LITE_DATA and
-    ../shared/data are searched.
+    ../shared/data are searched. `train_stories` / `validation_stories` keep only the first N
+    stories of that split (None: all of it); from the hub only those N are downloaded.
     """
     if source not in ("auto", "local", "hub"):
         raise ValueError(f"source must be 'auto', 'local' or 'hub', got {source!r}")
     if not 0 < validation_fraction < 1:
         raise ValueError(f"validation_fraction must lie in (0, 1), got {validation_fraction}")
+    sizes = {"train": train_stories, "validation": validation_stories}
+    _check_sample_sizes(sizes)
     train_file = _find_split("train", path) if source != "hub" else None
     if train_file is not None:
         train = read_stories(train_file)
@@ -131,31 +154,38 @@ def load_tinystories(path: str | Path | None = None, source: str = "auto",
                                          "out a validation split; provide a validation file")
             train, validation = train[:-held_out], train[-held_out:]
             sources["validation"] = f"last {held_out} stories of {sources['train']}"
-        return Stories(train, validation, sources)
+        return _first_stories(Stories(train, validation, sources), sizes)
     if path is not None:
         raise DataNotFoundError(f"TinyStories text not found at {path}: expected a text file, or a "
                                 f"folder holding one of {', '.join(LOCAL_FILES['train'])}. "
                                 f"Fix --data, or set RBF_LITE_DATA instead; {HOW_TO_PROVIDE}")
     if source == "local":
         raise not_found("TinyStories text", LOCAL_FILES["train"][0], None, HOW_TO_PROVIDE)
-    return _load_from_hub()
+    return _load_from_hub(sizes)
 
 
-def _load_from_hub() -> Stories:
+def _hub_split(split: str, n: int | None) -> list[str]:
+    """One split from the hub: all of it, or its first n non-empty stories, streamed (a sample then
+    costs a few MB of download, not the whole split)."""
+    from datasets import load_dataset
+    if n is None:
+        return [text.strip() for text in load_dataset(HUB_DATASET, split=split)["text"] if text.strip()]
+    rows = load_dataset(HUB_DATASET, split=split, streaming=True)
+    return list(itertools.islice((text for row in rows if (text := row["text"].strip())), n))
+
+
+def _load_from_hub(sizes: dict[str, int | None]) -> Stories:
     try:
-        from datasets import load_dataset
-        splits = {split: load_dataset(HUB_DATASET, split=split)["text"] for split in SPLITS}
+        stories = {split: _hub_split(split, sizes[split]) for split in SPLITS}
     except Exception as e:  # offline, no `datasets`, or the hub refused: say where we looked
         raise not_found(f"TinyStories text (the hub dataset {HUB_DATASET} failed too: "
                         f"{type(e).__name__}: {str(e)[:200]})", LOCAL_FILES["train"][0], None,
                         HOW_TO_PROVIDE) from e
-    stories = {}
     for split in SPLITS:
-        stories[split] = [text.strip() for text in splits[split] if text.strip()]
         if not stories[split]:
             raise MalformedDataError(f"the hub dataset {HUB_DATASET} returned no text for {split!r}")
-    return Stories(stories["train"], stories["validation"],
-                   sources={s: f"hub:{HUB_DATASET}:{s}" for s in SPLITS})
+    return Stories(stories["train"], stories["validation"], sources={
+        s: f"hub:{HUB_DATASET}:{s}" + (f"[:{sizes[s]}]" if sizes[s] is not None else "") for s in SPLITS})
 
 
 # ---------------------------------------------------------------- tokenizers
@@ -317,11 +347,14 @@ class TokenizedText:
 
 
 def prepare_tinystories(path: str | Path | None = None, tokenizer: str = "gpt2",
-                        bpe_vocab_size: int = 4096, source: str = "auto") -> TokenizedText:
-    """Stories -> tokenizer -> cached uint16 streams for both splits (see the module docstring)."""
+                        bpe_vocab_size: int = 4096, source: str = "auto", train_stories: int | None = None,
+                        validation_stories: int | None = None) -> TokenizedText:
+    """Stories -> tokenizer -> cached uint16 streams for both splits (see the module docstring);
+    `train_stories` / `validation_stories` take a sample as in `load_tinystories`."""
     if tokenizer not in TOKENIZERS:
         raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}")
-    stories = load_tinystories(path, source)
+    stories = load_tinystories(path, source, train_stories=train_stories,
+                               validation_stories=validation_stories)
     key = hashlib.sha1(repr(sorted(stories.sources.items())).encode()).hexdigest()[:16]
     cache = cache_dir("tinystories") / key
     if tokenizer == "gpt2":

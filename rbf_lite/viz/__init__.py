@@ -101,17 +101,67 @@ def load_json(relative: str) -> dict:
 
 
 def runtime_report() -> str:
-    """Print (and return) the device and which attention path `rbf_attention(backend="auto")` takes."""
+    """Print (and return) the device and which attention path `rbf_attention(backend="auto")` takes,
+    in lines short enough for the book's column."""
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
-        device = f"GPU {torch.cuda.get_device_name()} (compute capability {major}.{minor})"
+        device = f"{torch.cuda.get_device_name()} (compute capability {major}.{minor})"
     else:
-        device = "CPU (no GPU visible)"
-    path = ("fused Triton kernels" if triton_available() else
-            "PyTorch reference\n  (the fused Triton kernels need Triton and a GPU of compute capability >= 8.0)")
-    report = f"torch {torch.__version__} on {device}\nrbf_attention: {path}"
+        device = "the CPU (no GPU visible)"
+    path = ("the fused Triton kernels" if triton_available() else
+            "the PyTorch reference\n(the fused Triton kernels need a GPU of compute capability 8.0+)")
+    report = f"torch {torch.__version__} on {device}\nrbf_attention runs {path}"
     print(report)
     return report
+
+
+# --- tables for the page --------------------------------------------------------------------------
+def number(value) -> str:
+    """A number as a page shows it: integers and values from 1,000 up with thousands separators,
+    others with 4 significant digits (no float noise such as 1.1920928955078125e-07)."""
+    if not _is_number(value):
+        return str(value)
+    if not math.isfinite(value):
+        return "–"
+    if isinstance(value, (int, np.integer)) or abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.4g}"
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def table(rows, columns: dict[str, str] | None = None, formats: dict[str, Callable | str] | None = None):
+    """Rows (a DataFrame, or a list of dicts) as a Markdown table for the page: the `columns` it
+    names (in that order, under their readable headers; default: all, as named), each cell through
+    `formats[column]` (a format string such as "{:.2f}x", or a function) or else `number`. A
+    DataFrame's index is not shown: reset it to make it a column."""
+    from IPython.display import Markdown
+
+    if isinstance(rows, list):
+        names = list(dict.fromkeys(key for row in rows for key in row))
+        values = {c: [row.get(c, "") for row in rows] for c in names}
+    else:
+        names = list(rows.columns)
+        values = {c: rows[c].tolist() for c in names}  # Python numbers, each column keeping its type
+    columns = columns or {c: str(c) for c in names}
+    missing = [c for c in columns if c not in values]
+    if missing:
+        raise KeyError(f"table: no column(s) {missing} among {names}")
+    formats = formats or {}
+
+    def cell(column, value):
+        fmt = formats.get(column, number)
+        text = fmt.format(value) if isinstance(fmt, str) else fmt(value)
+        return str(text).replace("|", "\\|").replace("\n", " ")
+
+    right = [c for c in columns if values[c] and all(_is_number(v) for v in values[c])]
+    lines = ["| " + " | ".join(columns.values()) + " |",
+             "|" + "|".join("---:" if c in right else ":---" for c in columns) + "|"]
+    n_rows = len(next(iter(values.values()))) if values else 0
+    lines += ["| " + " | ".join(cell(c, values[c][i]) for c in columns) + " |" for i in range(n_rows)]
+    return Markdown("\n".join(lines))
 
 
 # --- two forms of one interactive figure --------------------------------------------------------------
@@ -208,7 +258,7 @@ def draw_key_norm(key_norm: float) -> go.Figure:
     q, keys, names = bullying_scene(key_norm)
     w_dot, w_rbf = attention_weights(q, keys, "dot"), attention_weights(q, keys, "rbf")
     fig = make_subplots(rows=1, cols=2, column_widths=[0.45, 0.55],
-                        subplot_titles=("query and keys", "attention weights of the query"))
+                        subplot_titles=("query and keys", "weights of the query"))
     fig.add_trace(_arrow_trace(q, "query", "black", dash="dot"), 1, 1)
     for k, name, color in zip(keys, names, PALETTE):
         fig.add_trace(_arrow_trace(k, name, color), 1, 1)

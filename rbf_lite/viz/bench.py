@@ -4,13 +4,15 @@ A benchmark file is the JSON that `rbf_lite.bench.attention.main` writes: the ma
 (`device`, `torch`, `triton`, `python`, `commit`, `command`, `time`), a list of `rows` (one per variant,
 shape, dtype and causality, with `fwd_ms`, `fwdbwd_ms`, `peak_mib` and the ratios `fwd_vs_sdpa`,
 `fwdbwd_vs_sdpa` to SDPA's default backend measured in the same process), and `accuracy` rows.
-Ratios are taken from the file as measured; nothing here times anything.
+Ratios are taken from the file as measured; nothing here times anything. Tables and text are for
+the book's pages: compact, formatted, without the paths of the machine that measured.
 """
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Iterable, Sequence
+import math
+from pathlib import Path, PurePosixPath
+from typing import Iterable, Mapping, Sequence
 from urllib.request import urlopen
 
 import pandas as pd
@@ -33,6 +35,7 @@ COLORS = {"rbf_lite": RBF, "rbf_padded_sdpa": PALETTE[1], "rbf_flex": PALETTE[2]
           "sdpa_flash": DOT, "sdpa_qknorm": PALETTE[0]}
 METRICS = {"fwd": "fwd_vs_sdpa", "fwdbwd": "fwdbwd_vs_sdpa"}
 METRIC_NAMES = {"fwd": "forward", "fwdbwd": "forward + backward"}
+RATIO_TICKS = (0.5, 0.75, 1, 1.25, 1.5, 2, 3, 4, 6, 8, 12)  # time / SDPA on the figure's log axes
 
 
 def load_bench(path: str | Path) -> dict:
@@ -49,14 +52,31 @@ def load_bench(path: str | Path) -> dict:
     return bench
 
 
-def provenance(*benches: dict) -> pd.DataFrame:
-    """Where each file's numbers come from: device, versions, commit, and when they were measured."""
-    keys = ["device", "torch", "triton", "python", "commit", "time"]
-    table = pd.DataFrame([{k: b.get(k) for k in keys} for b in benches])
-    table["commit"] = table["commit"].str[:7]
-    table.insert(0, "dtypes", [",".join(sorted(b["frame"].dtype.unique())) for b in benches])
-    table.insert(1, "variants", [", ".join(v for v in b["frame"].variant.unique() if v != "sdpa") for b in benches])
-    return table
+def short_command(command: str) -> str:
+    """A recorded command with each absolute path cut to its file name: `--out /root/out/a.json`
+    becomes `--out a.json` (the measuring machine's folders mean nothing to a reader)."""
+    def short(token: str) -> str:
+        option, eq, value = token.rpartition("=") if token.startswith("--") and "=" in token else ("", "", token)
+        return option + eq + (PurePosixPath(value).name if value.startswith("/") else value)
+    return " ".join(short(token) for token in command.split(" "))
+
+
+def provenance(results: Mapping[str, dict]) -> str:
+    """Where each result file's numbers come from, as Markdown: what the files share (device, versions)
+    in one line, then a bullet per file (name -> its loaded JSON) with its commit, date and command
+    (paths shortened, a run finished by `--resume` marked). Bullets, not a table: a command wraps there."""
+    fields = {"device": "", "torch": "torch ", "triton": "Triton ", "python": "Python "}
+    first = next(iter(results.values()))
+    shared = [k for k in fields if first.get(k) and len({r.get(k) for r in results.values()}) == 1]
+    lines = ["Measured on " + ", ".join(fields[k] + str(first[k]) for k in shared) + ":", ""] if shared else []
+    for name, r in results.items():
+        facts = [fields[k] + str(r[k]) for k in fields if k not in shared and r.get(k)]
+        facts += [f"commit {str(r['commit'])[:7]}"] if r.get("commit") else []
+        facts += [str(r["time"])[:10]] if r.get("time") else []
+        command = f": `{short_command(r['command'])}`" if r.get("command") else ""
+        resumed = " (finished with `--resume`)" if r.get("resumed_by") else ""
+        lines.append(f"- {name}, {', '.join(facts)}{command}{resumed}")
+    return "\n".join(lines) + "\n"
 
 
 def combined_rows(*benches: dict, variants: Iterable[str] = ("sdpa", *LABELS)) -> pd.DataFrame:
@@ -111,9 +131,69 @@ def head_to_head(rows: pd.DataFrame, variant: str = "rbf_lite",
         ratios = pd.concat([mine.loc[both, col] / theirs.loc[both, col] for col in ("fwd_ms", "fwdbwd_ms")])
         table[LABELS.get(other, other)] = {"measurements": len(ratios), f"{variant} faster": int((ratios < 1).sum()),
                                            "time ratio, min": ratios.min(), "time ratio, max": ratios.max()}
-    out = pd.DataFrame(table).T
+    columns = ["measurements", f"{variant} faster", "time ratio, min", "time ratio, max"]
+    out = pd.DataFrame(table, index=columns).T
     out.columns.name = f"{LABELS.get(variant, variant)} vs, N >= {min_n}, {dtype}"
     return out.astype({"measurements": int, f"{variant} faster": int})
+
+
+def cost_table(rows: pd.DataFrame, variant: str = "rbf_lite", dtype: str = "bf16") -> pd.DataFrame:
+    """`variant` against SDPA at every measured shape, in one table narrow enough for the book's column:
+    its time over SDPA's (forward and forward+backward, causal and not) and its peak memory over SDPA's
+    (forward+backward, causal). Rows by head dim, then sequence length."""
+    sel = rows[rows.dtype == dtype].set_index(["d", "n", "shape", "causal"])
+    mine, sdpa = sel[sel.variant == variant], sel[sel.variant == "sdpa"]
+
+    def causal(series: pd.Series, flag: bool = True) -> pd.Series:
+        return series.xs(flag, level="causal")
+
+    table = pd.DataFrame({
+        "forward, causal": causal(mine.fwd_vs_sdpa), "forward, non-causal": causal(mine.fwd_vs_sdpa, False),
+        "fwd+bwd, causal": causal(mine.fwdbwd_vs_sdpa), "fwd+bwd, non-causal": causal(mine.fwdbwd_vs_sdpa, False),
+        "peak memory": causal(mine.peak_mib / sdpa.peak_mib)})
+    table = table.sort_index().reset_index(level=["d", "n"], drop=True)
+    table.index = table.index.str.replace(" ", "\u00a0")  # a shape stays on one line of a narrow table
+    table.index.name = "shape"
+    return table
+
+
+def _span(values: Iterable[float], digits: int = 2) -> str:
+    values = list(values)
+    low, high = min(values), max(values)
+    return f"{low:.{digits}f}" if f"{low:.{digits}f}" == f"{high:.{digits}f}" else f"{low:.{digits}f}-{high:.{digits}f}"
+
+
+def cost_notes(rows: pd.DataFrame, accuracy: Sequence[dict], decode: dict, min_n: int = 4096,
+               others: Sequence[str] = ("rbf_padded_sdpa", "rbf_flex", "sdpa_flash")) -> str:
+    """What the benchmark files say beyond `cost_table`, as Markdown bullets: the long-sequence ranges
+    per dtype, the head-to-head against `others` (by default the other routes to RBF attention and
+    SDPA's flash backend), the error against float64, and a decoding step. `rows`: `combined_rows` of
+    the attention files; `accuracy`: their "accuracy" lists; `decode`: the decode benchmark's JSON."""
+    notes = []
+    for dtype in sorted(set(rows.dtype)):
+        fwd, both = (ratio_range(rows, "rbf_lite", m, min_n, dtype) for m in ("fwd", "fwdbwd"))
+        notes.append(f"**Long sequences, {dtype}** (N ≥ {min_n:,}): forward {_span(fwd)}x SDPA's time, "
+                     f"forward+backward {_span(both)}x.")
+    pairs = head_to_head(rows, others=others, min_n=min_n)
+    for other, row in pairs.iterrows():
+        notes.append(f"**Against {other}** (N ≥ {min_n:,}, bf16): faster in {int(row['rbf_lite faster'])} of "
+                     f"{int(row['measurements'])} measurements, at "
+                     f"{_span([row['time ratio, min'], row['time ratio, max']])}x its time.")
+    for dtype in sorted({a["dtype"] for a in accuracy}):
+        mine = [a["rbf_lite_rel_err"] for a in accuracy if a["dtype"] == dtype]
+        theirs = [a["sdpa_rel_err"] for a in accuracy if a["dtype"] == dtype]
+        exponent = math.floor(math.log10(max(mine + theirs)))  # errors shown as x.xx times 10^exponent
+        scale = 10.0 ** exponent
+        power = str(exponent).translate(str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹"))
+        notes.append(f"**Error against float64, {dtype}** (N = 1,024, relative): rbf_lite {_span(m / scale for m in mine)}, "
+                     f"SDPA {_span(t / scale for t in theirs)} (× 10{power}).")
+    steps = [r for r in decode["rows"] if r["variant"] == "rbf_decode"]
+    worst = max(steps, key=lambda r: max(r["vs_sdpa"], r["loop_vs_sdpa"]))
+    notes.append(f"**Decoding step** (one query, batch {min(r['b'] for r in steps)}-{max(r['b'] for r in steps)}, "
+                 f"caches of {min(r['cache'] for r in steps):,}-{max(r['cache'] for r in steps):,} keys): replayed from "
+                 f"a CUDA graph {_span(r['graph_vs_sdpa'] for r in steps)}x SDPA's time; called eagerly up to "
+                 f"{max(worst['vs_sdpa'], worst['loop_vs_sdpa']):.1f}x (batch {worst['b']}, {worst['cache']:,} keys).")
+    return "".join(f"- {note}\n" for note in notes)
 
 
 def memory_table(rows: pd.DataFrame, dtype: str = "bf16", causal: bool = True,
@@ -139,7 +219,7 @@ def ratio_figure(rows: pd.DataFrame, causal: bool = True, dtype: str = "bf16",
     sweeps = {d: sel[sel.d == d].groupby(["b", "h"]).n.nunique().idxmax() for d in head_dims}
     titles = [f"{METRIC_NAMES[m]}, B{sweeps[d][0]} H{sweeps[d][1]} D{d}" for d in head_dims for m in METRICS]
     fig = make_subplots(rows=len(head_dims), cols=2, shared_xaxes=True, subplot_titles=titles,
-                        vertical_spacing=0.12, horizontal_spacing=0.08)
+                        vertical_spacing=0.14, horizontal_spacing=0.1)
     for i, d in enumerate(head_dims, start=1):
         b, h = sweeps[d]
         sweep = sel[(sel.d == d) & (sel.b == b) & (sel.h == h)]
@@ -156,15 +236,21 @@ def ratio_figure(rows: pd.DataFrame, causal: bool = True, dtype: str = "bf16",
                     hovertemplate="N=%{x}: %{y:.2f}x SDPA<extra>" + LABELS.get(variant, variant) + "</extra>"),
                     row=i, col=j)
             fig.add_hline(y=1.0, line=dict(color="grey", dash="dash", width=1), row=i, col=j)
-            fig.update_xaxes(type="log", tickvals=sorted(sweep.n.unique()), row=i, col=j)
-            fig.update_yaxes(type="log", row=i, col=j)
+            lengths = sorted(sweep.n.unique())
+            fig.update_xaxes(type="log", tickvals=lengths, ticktext=[f"{n:,}" for n in lengths], row=i, col=j)
+            fig.update_yaxes(type="log", tickvals=RATIO_TICKS, ticktext=[f"{t:g}" for t in RATIO_TICKS], row=i, col=j)
     for j in (1, 2):
         fig.update_xaxes(title_text="sequence length N", row=len(head_dims), col=j)
     for i in range(1, len(head_dims) + 1):
         fig.update_yaxes(title_text="time / SDPA", row=i, col=1)
-    fig.update_layout(height=330 * len(head_dims) + 80, template="plotly_white",
-                      title=f"{'Causal' if causal else 'Non-causal'} attention, {dtype}: time relative to SDPA",
-                      legend=dict(orientation="h", y=-0.12), margin=dict(t=80, b=40))
+    # Sized for a ~700 px column: a short title at the left, clear of plotly's toolbar at the top right;
+    # the legend in rows under the x-axis titles, in a bottom margin of its own.
+    fig.update_layout(height=300 * len(head_dims) + 250, autosize=True, template="plotly_white",
+                      title=dict(text=f"{'Causal' if causal else 'Non-causal'}, {dtype}: time / SDPA's time",
+                                 x=0, xanchor="left", y=0.99, yanchor="top"),
+                      legend=dict(orientation="h", x=0, y=-0.12, xanchor="left", yanchor="top"),
+                      margin=dict(t=90, b=160, l=60, r=20))
+    fig.update_annotations(font_size=13)
     return fig
 
 

@@ -18,6 +18,8 @@ from .. import metrics
 from ..halo import HALOLoss, LinearHead
 
 ABSTAIN = "#7f7f7f"
+HEAD_NAMES = {"cce": "linear head", "halo": "HALO"}
+SCORE_NAMES = {"msp": "MSP", "max_known": "max-known", "not_abstain": "1 − p(abstain)"}  # OOD scores
 
 
 # --- the starburst: cross-entropy rewards long features (scaling the data) -----------------------------------------------
@@ -112,7 +114,7 @@ def draw_confidence(gamma: float) -> go.Figure:
     halo_conf = m["halo"][..., :K].max(-1)
     abstain = m["halo"].argmax(-1) == K
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1, subplot_titles=(
-        "linear head: max p(class)", "HALO: max p(known class); grey = abstain wins"))
+        "linear head: max p(class)", "HALO: max p(class), grey: abstain"))
     for col, z in ((1, m["linear"].max(-1)), (2, halo_conf)):
         fig.add_trace(go.Heatmap(x=axis, y=axis, z=np.round(z, 3), zmin=0, zmax=1, colorscale="Viridis",
                                  showscale=col == 2, colorbar=dict(title="conf.", len=0.9),
@@ -123,18 +125,20 @@ def draw_confidence(gamma: float) -> go.Figure:
     t = np.linspace(0, 2 * np.pi, 80)
     r = m["shell_radius"]
     for col in (1, 2):
-        fig.add_trace(go.Scatter(x=c[:, 0], y=c[:, 1], mode="markers", name="centroids",
-                                 showlegend=col == 1, marker=dict(color="white", size=10, symbol="x",
-                                                                  line=dict(color="black", width=1))), 1, col)
+        fig.add_trace(go.Scatter(x=c[:, 0], y=c[:, 1], mode="markers", name="centroid",
+                                 marker=dict(color="white", size=10, symbol="x",
+                                             line=dict(color="black", width=1))), 1, col)
         for k in range(K):
             fig.add_trace(go.Scatter(x=c[k, 0] + r * np.cos(t), y=c[k, 1] + r * np.sin(t), mode="lines",
-                                     name="shell ‖x − c‖² = D − 2", showlegend=col == 1 and k == 0,
+                                     name="shell ‖x − c‖² = D − 2",
                                      line=dict(color="white", dash="dot", width=1)), 1, col)
     lim = float(axis[-1])
     fig.update_xaxes(range=[-lim, lim], constrain="domain")
-    fig.update_yaxes(range=[-lim, lim], scaleanchor="x", row=1, col=1)
-    fig.update_yaxes(range=[-lim, lim], scaleanchor="x2", row=1, col=2)
-    fig.update_layout(height=440, margin=dict(t=80, b=20), legend=dict(orientation="h", y=-0.08),
+    fig.update_yaxes(range=[-lim, lim], constrain="domain", scaleanchor="x", row=1, col=1)
+    fig.update_yaxes(range=[-lim, lim], constrain="domain", scaleanchor="x2", row=1, col=2)
+    # No legend (the chapter's text names the crosses and circles): below the panels it would meet
+    # the slider that confidence_explorer adds there, for which the bottom margin leaves room.
+    fig.update_layout(height=490, margin=dict(t=80, b=150), showlegend=False,
                       title_text=f"γ = {gamma:g}: abstain bias b = {m['abstain_bias']:.2f}, abstain wins on "
                                  f"{abstain.mean():.0%} of the square")
     return fig
@@ -163,8 +167,8 @@ def radial_curve(dim: int, r2: np.ndarray) -> np.ndarray:
 
 def soap_bubble_figure(dims=(3, 10, 100, 1000)) -> go.Figure:
     """Left: histograms of ||z|| / sqrt(D) for Gaussian z. Right: the radial term against r^2."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("‖z‖ / √D for z ~ N(0, I_D)",
-                                                        "radial term L_rad(r²), shifted to min 0"))
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12,
+                        subplot_titles=("‖z‖ / √D, z ~ N(0, I)", "L_rad(r²) − its minimum"))
     r2 = np.linspace(0.02, 2.5, 250)
     for dim, color in zip(dims, PALETTE):
         norms = np.sqrt(gaussian_norms(dim) / dim)
@@ -178,7 +182,7 @@ def soap_bubble_figure(dims=(3, 10, 100, 1000)) -> go.Figure:
     fig.update_yaxes(title_text="density", row=1, col=1)
     fig.update_xaxes(title_text="r² = ‖x − c_y‖² / D", row=1, col=2)
     fig.update_yaxes(range=[0, 1.5], row=1, col=2)
-    fig.update_layout(height=380, margin=dict(t=60, b=20))
+    fig.update_layout(height=400, margin=dict(t=40, b=20, l=60, r=20), legend=dict(orientation="h", x=0, y=-0.2))
     return fig
 
 
@@ -211,11 +215,13 @@ def tiny_cifar_run(loss: str, subset: int = 2000, epochs: int = 3, width: int = 
             "train_images": len(trainer.train_set), "skipped": trainer.ood_skipped}
 
 
-def reliability_figure(panels: list[tuple[str, dict]]) -> go.Figure:
-    """Reliability diagrams side by side, one per (title, `metrics.reliability` bins): accuracy per
-    confidence bin against the diagonal; empty bins are not drawn."""
-    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[title for title, _ in panels])
-    for col, ((_, rel), color) in enumerate(zip(panels, (DOT, RBF, *PALETTE)), start=1):
+def reliability_figure(panels: list[tuple[str, dict, str]]) -> go.Figure:
+    """Reliability diagrams side by side, one per (title, `metrics.reliability` bins, note): accuracy
+    per confidence bin against the diagonal; empty bins are not drawn. Each note (its ECE) is written
+    inside the top left corner of its own panel, where it cannot run into the neighbouring title."""
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[title for title, _, _ in panels],
+                        horizontal_spacing=0.08)
+    for col, ((_, rel, note), color) in enumerate(zip(panels, (DOT, RBF, *PALETTE)), start=1):
         edges, count = np.asarray(rel["edges"]), np.asarray(rel["count"])
         centres, filled = (edges[1:] + edges[:-1]) / 2, count > 0
         accuracy, confidence = np.asarray(rel["accuracy"]), np.asarray(rel["confidence"])
@@ -226,25 +232,47 @@ def reliability_figure(panels: list[tuple[str, dict]]) -> go.Figure:
         fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(color="black", dash="dash"),
                                  name="perfect calibration", showlegend=col == 1), 1, col)
         fig.add_trace(go.Scatter(x=confidence[filled], y=accuracy[filled], mode="markers",
-                                 marker=dict(color="black", size=6), name="(mean confidence, accuracy)",
+                                 marker=dict(color="black", size=6), name="mean confidence and accuracy of a bin",
                                  showlegend=col == 1), 1, col)
-    fig.update_xaxes(range=[0, 1], title_text="confidence (max probability)")
-    fig.update_yaxes(range=[0, 1], title_text="accuracy")
-    fig.update_layout(height=380, margin=dict(t=60, b=20), bargap=0)
+        axis = "" if col == 1 else col
+        fig.add_annotation(text=note, x=0.03, y=0.97, xref=f"x{axis} domain", yref=f"y{axis} domain",
+                           xanchor="left", yanchor="top", showarrow=False, bgcolor="rgba(255,255,255,0.8)")
+    fig.update_xaxes(range=[0, 1], title_text="confidence")
+    fig.update_yaxes(range=[0, 1])
+    fig.update_yaxes(title_text="accuracy", row=1, col=1)
+    fig.update_layout(height=400, margin=dict(t=40, b=20, l=60, r=20), bargap=0,
+                      legend=dict(orientation="h", x=0, y=-0.2))
     return fig
 
 
-def tiny_run_panels(runs: list[dict]) -> list[tuple[str, dict]]:
+def tiny_run_panels(runs: list[dict]) -> list[tuple[str, dict, str]]:
     """`reliability_figure` panels of `tiny_cifar_run` results."""
-    names = {"cce": "linear head + cross-entropy", "halo": "HALO (abstain counts as wrong)"}
-    return [(f"{names[r['loss']]}: ECE {r['metrics']['ece']:.3f}", metrics.reliability(r["probs"], r["labels"]))
+    names = {"cce": "linear head", "halo": "HALO (abstain counts as wrong)"}
+    return [(names[r["loss"]], metrics.reliability(r["probs"], r["labels"]), f"ECE {r['metrics']['ece']:.3f}")
             for r in runs]
 
 
-def detection_rows(runs: list[dict]) -> list[tuple]:
-    """(head, OOD set, score, AUROC, FPR@95, AUPR) for every run, set and score."""
-    return [(r["loss"], name, score, d["auroc"], d["fpr95"], d["aupr"])
-            for r in runs for name, scores in r["detection"].items() for score, d in scores.items()]
+def tiny_run_table(runs: list[dict]):
+    """What each `tiny_cifar_run` measured on the test images, as text: one column per head, a dash
+    where a measure does not apply to the head."""
+    import pandas as pd
+    columns = {}
+    for r in runs:
+        m = r["metrics"]
+        columns[HEAD_NAMES[r["loss"]]] = {"training": f"{r['train_images']:,} images x {len(r['train_loss'])} epochs",
+                              "time": f"{r['seconds']:.0f} s", "accuracy": f"{m['accuracy']:.1%}",
+                              "NLL": f"{m['nll']:.3f}", "ECE": f"{m['ece']:.3f}",
+                              "abstain rate": f"{m['abstain_rate']:.1%}" if r["abstains"] else "–",
+                              "known-class accuracy": f"{m['known_accuracy']:.1%}" if r["abstains"] else "–"}
+    return pd.DataFrame(columns)
+
+
+def detection_table(runs: list[dict]):
+    """One row per head, OOD set and score of `tiny_cifar_run` results: AUROC, FPR@95 and AUPR."""
+    import pandas as pd
+    return pd.DataFrame([{"head": HEAD_NAMES[r["loss"]], "OOD set": name, "score": SCORE_NAMES.get(score, score),
+                          "AUROC": d["auroc"], "FPR@95": d["fpr95"], "AUPR": d["aupr"]}
+                         for r in runs for name, scores in r["detection"].items() for score, d in scores.items()])
 
 
 # --- HALO on CIFAR: the seed's numbers and our reproduction --------------------------------------------

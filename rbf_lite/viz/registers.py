@@ -55,18 +55,17 @@ def draw_register_scene(query_norm: float, scale: float = 1.0) -> go.Figure:
     q, keys, names = register_scene(query_norm)
     w = scene_weights(q, keys, scale)
     fig = make_subplots(rows=1, cols=2, column_widths=[0.45, 0.55],
-                        subplot_titles=("query, keys and the register at the origin",
-                                        "attention weights of the query"))
+                        subplot_titles=("keys and register ★", "weights of the query"))
     t = np.linspace(0, 2 * np.pi, 200)
     r, (cx, cy) = float(q.norm()), q.tolist()
     fig.add_trace(go.Scatter(x=cx + r * np.cos(t), y=cy + r * np.sin(t), mode="lines", fill="toself",
                              fillcolor="rgba(214,39,40,0.08)", line=dict(color=RBF, dash="dot"),
-                             name="RBF: keys inside beat the register"), 1, 1)
+                             name="RBF: keys inside<br>beat ★"), 1, 1)
     if r > 0:  # the dot-product boundary q.k = 0, a line through the origin
         ux, uy = cx / r, cy / r
         fig.add_trace(go.Scatter(x=[-4 * uy, 4 * uy], y=[4 * ux, -4 * ux], mode="lines",
                                  line=dict(color=DOT, dash="dot"),
-                                 name="dot: keys on the query's side beat it"), 1, 1)
+                                 name="dot: keys on the<br>query's side beat ★"), 1, 1)
     fig.add_trace(_arrow_trace(q, "query", "black", dash="dot"), 1, 1)
     fig.add_trace(go.Scatter(x=[0], y=[0], mode="markers", name="register key", showlegend=False,
                              marker=dict(symbol="star", size=16, color=REGISTER)), 1, 1)
@@ -79,7 +78,8 @@ def draw_register_scene(query_norm: float, scale: float = 1.0) -> go.Figure:
     fig.update_xaxes(range=[-3, 4], row=1, col=1)
     fig.update_yaxes(range=[-2.5, 3.5], scaleanchor="x", row=1, col=1)
     fig.update_yaxes(range=[0, 1], title_text="weight", row=1, col=2)
-    fig.update_layout(barmode="group", height=450, margin=dict(t=80, b=20),
+    # Short legend entries and margins: a wide legend squeezes the plots until their titles collide.
+    fig.update_layout(barmode="group", height=450, margin=dict(t=80, b=20, l=50, r=10),
                       title_text=f"‖q‖ = {query_norm:g}, c = {scale:g}: the register gets "
                                  f"{w['rbf'][0]:.0%} under RBF, {w['dot'][0]:.0%} under the dot product")
     return fig
@@ -132,8 +132,7 @@ def register_share(query_norms: Sequence[float], dim: int = 16, n_keys: int = 31
 
 def register_share_figure(share: dict) -> go.Figure:
     """Plot `register_share`: register weight with no related key (left) and with a matching key (right)."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("no key is related to the query",
-                                                        "one key matches the query"))
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("no related key", "one key matches the query"))
     for kind, label, color in (("dot", "dot product", DOT), ("rbf", "RBF", RBF)):
         fig.add_trace(go.Scatter(x=share["norm"], y=share[f"{kind}_none_register"], name=f"{label}: register",
                                  line=dict(color=color)), 1, 1)
@@ -142,9 +141,12 @@ def register_share_figure(share: dict) -> go.Figure:
         fig.add_trace(go.Scatter(x=share["norm"], y=share[f"{kind}_match_key"],
                                  name=f"{label}: matching key", line=dict(color=color, dash="dash")), 1, 2)
     fig.update_xaxes(title_text="query norm ‖q‖")
-    fig.update_yaxes(range=[0, 1], title_text="mean weight", row=1, col=1)
-    fig.update_yaxes(range=[0, 1], row=1, col=2)
-    fig.update_layout(height=380, margin=dict(t=60, b=20))
+    # The axes stop a little above 1 so that their top tick label stays clear of the panel titles, and
+    # the legend sits below the panels, which it would otherwise squeeze.
+    fig.update_yaxes(range=[0, 1.05], tickvals=[0, 0.2, 0.4, 0.6, 0.8, 1], title_text="mean weight", row=1, col=1)
+    fig.update_yaxes(range=[0, 1.05], tickvals=[0, 0.2, 0.4, 0.6, 0.8, 1], row=1, col=2)
+    fig.update_layout(height=440, margin=dict(t=60, b=20, l=60, r=20),
+                      legend=dict(orientation="h", x=0, xanchor="left", y=-0.2, yanchor="top"))
     return fig
 
 

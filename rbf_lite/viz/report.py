@@ -11,7 +11,9 @@ Spreads are sample standard deviations over seeds.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
+import shlex
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -20,15 +22,18 @@ import pandas as pd
 
 from plotly.colors import qualitative
 
-from . import REPOSITORY, go, make_subplots, results_dir
+from . import REPOSITORY, go, make_subplots, number, results_dir
 from .. import metrics
 from ..runs import read_jsonl
-from .halo import ABSTAIN, SEED_CLAIMS, reliability_figure
+from .halo import ABSTAIN, HEAD_NAMES, SCORE_NAMES, SEED_CLAIMS, reliability_figure
 from .training import attention_map_grid, lm_step_table, recorded_loss_figure, recorded_runs, variant_color
 
 VARIANT_ORDER = ("sdpa+rope", "sdpa_qknorm+rope", "rbf+susie", "rbf+rope")
-HEAD_NAMES = {"cce": "linear + cross-entropy", "halo": "HALO"}
 MAIN_SCORE = {"cce": "msp", "halo": "not_abstain"}  # each head's own OOD score
+TINYSTORIES, SWEEP = "tinystories", "cifar10-sweep"
+# Loaders that read a results folder fixed inside them, so that a chapter's call names no folder;
+# `chapters_loading` credits each call of one of them with its folder.
+FIXED_FOLDER_LOADERS = {"tinystories_runs": TINYSTORIES, "sweep_table": SWEEP}
 
 
 def results_root(results: str | Path | None = None) -> Path:
@@ -82,7 +87,7 @@ def pm(values: Iterable[float], digits: int = 3, percent: bool = False) -> str:
 # --- TinyStories ------------------------------------------------------------------------------------------------------------
 def tinystories_runs(results: str | Path | None = None) -> list[dict]:
     """The recorded runs of results/tinystories/, in VARIANT_ORDER then seed."""
-    runs = recorded_runs(results_root(results) / "tinystories")
+    runs = recorded_runs(results_root(results) / TINYSTORIES)
     rank = {v: i for i, v in enumerate(VARIANT_ORDER)}
     return sorted(runs, key=lambda r: (rank.get(r["variant"], len(rank)), r["seed"]))
 
@@ -203,7 +208,7 @@ def tinystories_comparison(runs: Sequence[dict]) -> pd.DataFrame:
 
 
 # --- CIFAR-10 ---------------------------------------------------------------------------------------------------------------
-def cifar_summaries(experiment: str = "cifar10", results: str | Path | None = None) -> list[dict]:
+def cifar_summaries(experiment: str, results: str | Path | None = None) -> list[dict]:
     """The run summaries of results/<experiment>/ (cifar10, cifar10-openset, ...), sorted by run
     folder, each with its folder's name under "run"."""
     summaries = []
@@ -235,8 +240,9 @@ def detection_table(summaries: Sequence[dict]) -> pd.DataFrame:
     for loss, group in _by_loss(summaries).items():
         for name, scores in group[0]["ood"].items():
             for score in scores:
-                rows.append({"head": HEAD_NAMES.get(loss, loss), "OOD set": name, "score": score,
-                             **{label: pm((s["ood"][name][score][key] for s in group), 2, True)
+                rows.append({"head": HEAD_NAMES.get(loss, loss), "OOD set": name,
+                             "score": SCORE_NAMES.get(score, score),
+                             **{label: pm((s["ood"][name][score][key] for s in group), 1, True)
                                 for label, key in (("AUROC", "auroc"), ("FPR@95", "fpr95"), ("AUPR", "aupr"))}})
     return pd.DataFrame(rows).set_index(["head", "OOD set", "score"])
 
@@ -284,8 +290,8 @@ def recorded_reliability(summaries: Sequence[dict]) -> go.Figure:
     """Reliability diagrams of the recorded runs, each head's seeds pooled."""
     panels = []
     for loss, group in _by_loss(summaries).items():
-        panels.append((f"{HEAD_NAMES.get(loss, loss)}: ECE {pm((s['ece'] for s in group), 4)}",
-                       pooled_reliability(group)))
+        panels.append((HEAD_NAMES.get(loss, loss), pooled_reliability(group),
+                       f"ECE {pm((s['ece'] for s in group), 4)}"))
     return reliability_figure(panels)
 
 
@@ -333,7 +339,7 @@ def embedding_geometry(run_dir: str | Path, classes: Sequence[str]) -> pd.DataFr
     rows = []
     for name, x in sets.items():
         x = x.astype(np.float64)
-        row = {"set": name, "median ||x||": np.median(np.linalg.norm(x, axis=1))}
+        row = {"set": name, "median ‖x‖": np.median(np.linalg.norm(x, axis=1))}
         if name == "test":
             labels = latents["test_labels"]
             row["spread / class-mean length"] = np.mean([
@@ -342,10 +348,118 @@ def embedding_geometry(run_dir: str | Path, classes: Sequence[str]) -> pd.DataFr
         if "centroids" in latents.files:
             r2 = ((x[:, None] - latents["centroids"][None]) ** 2).sum(-1) / x.shape[1]
             nearest = np.bincount(r2.argmin(1), minlength=len(classes))
-            row["median r^2 to nearest centroid"] = np.median(r2.min(1))
+            row["median r² to nearest centroid"] = np.median(r2.min(1))
             row["nearest centroid, most often"] = f"{classes[nearest.argmax()]} ({nearest.max() / len(x):.0%})"
         rows.append(row)
     return pd.DataFrame(rows).set_index("set")
+
+
+# --- provenance: the commands behind the results, and the chapters that read them -----------------------------------------
+def relative_command(command: str, file: str) -> str:
+    """A result's recorded command as it runs from the repository root: its `--out` (an output folder
+    of the GPU machine) becomes where the result is committed, `results/<file>` or the run folder
+    holding it, and its `--data` folder (the GPU machine's copy of the data) becomes $RBF_LITE_DATA."""
+    args = shlex.split(command)
+    for i in range(len(args) - 1):
+        if args[i] == "--out":
+            committed = Path("results") / file
+            args[i + 1] = str(committed if Path(args[i + 1]).name == committed.name else committed.parent)
+        elif args[i] == "--data":
+            parts = Path(args[i + 1]).parts
+            if "data" in parts:
+                args[i + 1] = "/".join(("$RBF_LITE_DATA", *parts[parts.index("data") + 1:]))
+    return " ".join(map(_shell_word, args))
+
+
+def _shell_word(arg: str) -> str:
+    """`arg` quoted for the shell where needed, except $RBF_LITE_DATA, which the shell should expand."""
+    return arg if arg.startswith("$RBF_LITE_DATA") else shlex.quote(arg)
+
+
+def shell_lines(command: str, width: int = 72) -> str:
+    """A shell command broken into lines of at most `width` characters (where one word allows),
+    continued with a backslash, so that it prints within the page's column: an option stays beside
+    its value unless the pair alone would be too long."""
+    args = shlex.split(command)
+    words, i = [], 0
+    while i < len(args):
+        takes_value = args[i].startswith("--") and i + 1 < len(args) and not args[i + 1].startswith("--")
+        pair = " ".join(map(_shell_word, args[i:i + 1 + takes_value]))
+        words += [pair] if len(pair) + 6 <= width else list(map(_shell_word, args[i:i + 1 + takes_value]))
+        i += 1 + takes_value
+    lines = [words[0]]
+    for word in words[1:]:
+        if len(lines[-1]) + 1 + len(word) + 2 > width:
+            lines.append("    " + word)
+        else:
+            lines[-1] += " " + word
+    return " \\\n".join(lines)
+
+
+def _path_references(source: str) -> set[str]:
+    """Results named by one chapter's code: each string constant, each path joined with `/` from
+    constants (results / "bench" / "x.json" names "bench/x.json"), and the folder of each call of a
+    FIXED_FOLDER_LOADERS function. f-strings are not resolved (their file names appear elsewhere)."""
+    from IPython.core.inputtransformer2 import TransformerManager
+    tree = ast.parse(TransformerManager().transform_cell(source))
+    in_fstring = {id(c) for node in ast.walk(tree) if isinstance(node, ast.JoinedStr) for c in ast.walk(node)}
+    inner = {id(node.left) for node in ast.walk(tree)
+             if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.left, ast.BinOp)}
+    joined, references = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and id(node) not in inner:
+            operands, chain = [], node
+            while isinstance(chain, ast.BinOp) and isinstance(chain.op, ast.Div):
+                operands.insert(0, chain.right)
+                chain = chain.left
+            run = []
+            for operand in [chain, *operands, None]:
+                if isinstance(operand, ast.Constant) and isinstance(operand.value, str):
+                    run.append(operand.value)
+                    joined.add(id(operand))
+                elif run:
+                    references.add("/".join(run))
+                    run = []
+        elif isinstance(node, ast.Call):
+            name = getattr(node.func, "attr", getattr(node.func, "id", None))
+            if name in FIXED_FOLDER_LOADERS:
+                references.add(FIXED_FOLDER_LOADERS[name])
+    references |= {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant)
+                   and isinstance(node.value, str) and id(node) not in joined | in_fstring}
+    return references
+
+
+def _loads(reference: str, file: str, unique_names: dict[str, str]) -> bool:
+    """Whether a path named in a chapter's code reads the result `file` (relative to results/): the
+    file itself, a folder above it (whole path components: "cifar10" is not "cifar10-openset"), or
+    a bare file name that no other result shares."""
+    reference = reference.strip().removeprefix("./").removeprefix("results/").strip("/")
+    if not reference:
+        return False
+    return reference == file or file.startswith(reference + "/") or unique_names.get(reference) == file
+
+
+def chapters_loading(files: Iterable[str], book_dir: str | Path) -> dict[str, list[str]]:
+    """For each result file (a path relative to results/), the chapters whose executed code reads it:
+    the code cells of book/*.ipynb, those tagged skip-execution left out (the site does not run
+    them, and their commands write results rather than read them)."""
+    files = list(files)
+    names = _grouped(files, lambda f: Path(f).name)
+    unique_names = {name: group[0] for name, group in names.items() if len(group) == 1}
+    found = {file: [] for file in files}
+    notebooks = sorted(Path(book_dir).glob("*.ipynb"))
+    if not notebooks:
+        raise FileNotFoundError(f"no chapters (*.ipynb) in {book_dir}")
+    for notebook in notebooks:
+        cells = json.loads(notebook.read_text())["cells"]
+        references = set()
+        for cell in cells:
+            if cell["cell_type"] == "code" and "skip-execution" not in cell.get("metadata", {}).get("tags", []):
+                references |= _path_references("".join(cell["source"]))
+        for file in files:
+            if any(_loads(reference, file, unique_names) for reference in references):
+                found[file].append(notebook.stem)
+    return found
 
 
 # --- the kernel: the issue's targets beside the measurements ------------------------------------------------------------------
@@ -391,25 +505,26 @@ def kernel_targets(attention_rows: pd.DataFrame, decode: dict, dtype: str = "bf1
 
 
 def sweep_table(results: str | Path | None = None) -> pd.DataFrame:
-    """The HALO-collapse sweep (results/cifar10-sweep/): test accuracy after every epoch per run."""
-    root = results_root(results) / "cifar10-sweep"
-    rows = []
-    for s in cifar_summaries("cifar10-sweep", results):
+    """The HALO-collapse sweep (results/cifar10-sweep/): one column per run, its settings and then
+    its test accuracy after every epoch (as text), so that all epochs fit the page's width."""
+    root = results_root(results) / SWEEP
+    columns = {}
+    for s in cifar_summaries(SWEEP, results):
         log = read_jsonl(root / s["run"] / "log.jsonl")
         accuracy = [r["test_accuracy"] for r in log if "test_accuracy" in r]
-        rows.append({"run": s["run"], "head lr x": s["config"].get("head_lr", 1.0),
-                     "learn gamma": s["config"]["learn_gamma"], "final gamma": s.get("gamma"),
-                     **{f"epoch {i + 1}": f"{a:.1%}" for i, a in enumerate(accuracy)}})
-    return pd.DataFrame(rows).set_index("run")
+        gamma = s.get("gamma")
+        columns[s["run"]] = {"head lr (x backbone)": number(s["config"].get("head_lr", 1.0)),
+                             "learns γ": "yes" if s["config"]["learn_gamma"] else "no",
+                             "final γ": "–" if gamma is None else f"{gamma:.3g}",
+                             **{f"epoch {i + 1}": f"{a:.1%}" for i, a in enumerate(accuracy)}}
+    return pd.DataFrame(columns).rename_axis("run")
 
 
 def markdown(frame: pd.DataFrame) -> str:
-    """A DataFrame as a Markdown table (index first), floats with 4 significant digits."""
+    """A DataFrame as a Markdown table (index first), numbers as `rbf_lite.viz.number` writes them."""
     frame = frame.reset_index()
-    def cell(v):
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
     lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    lines += ["| " + " | ".join(number(v) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join(lines) + "\n"
 
 
@@ -453,7 +568,7 @@ def write_all(results: str | Path | None, out: str | Path) -> list[Path]:
     if openset:
         table("cifar10_openset_table", cifar_table(openset))
         table("cifar10_openset_detection", detection_table(openset))
-    if (root / "cifar10-sweep").is_dir():
+    if (root / SWEEP).is_dir():
         table("cifar10_sweep", sweep_table(root))
     bench = root / "bench"
     bench_files = sorted(bench.glob("attention_*.json"))

@@ -79,20 +79,25 @@ def attention_map_grid(maps: Mapping[str, tuple], prompt: str) -> go.Figure:
     upper triangle is zero.
     """
     n_layers = max(len(m[1]) for m in maps.values())
-    titles = [f"{label}, layer {j}" for label in maps for j in range(n_layers)]
-    fig = make_subplots(rows=len(maps), cols=n_layers, subplot_titles=titles,
-                        horizontal_spacing=0.12, vertical_spacing=0.16 if len(maps) < 4 else 0.06)
+    # Layers name the columns once, models name the rows (as y-axis titles): titles of the form
+    # "model, layer j" over every panel collide when four layers share the column's width.
+    fig = make_subplots(rows=len(maps), cols=n_layers, subplot_titles=[f"layer {j}" for j in range(n_layers)],
+                        horizontal_spacing=0.04, vertical_spacing=0.1 if len(maps) < 4 else 0.05)
     for i, (label, (slots, layers)) in enumerate(maps.items()):
         names = [f"{k}:{s!r}" for k, s in enumerate(slots)]
         for j, weights in enumerate(layers):
             fig.add_heatmap(z=np.asarray(weights, dtype=float).mean(0), x=names, y=names, zmin=0, zmax=1,
                             colorscale="Viridis", showscale=i == 0 and j == 0,
                             colorbar=dict(title="weight", len=0.5),
+                            hovertemplate="query %{y}<br>key %{x}<br>weight %{z:.3f}<extra></extra>",
                             row=i + 1, col=j + 1)
-            fig.update_yaxes(autorange="reversed", showticklabels=j == 0, row=i + 1, col=j + 1)
+            fig.update_yaxes(autorange="reversed", showticklabels=False, row=i + 1, col=j + 1)
             fig.update_xaxes(showticklabels=False, row=i + 1, col=j + 1)
-    fig.update_layout(title_text=f"Attention (mean over heads) on {prompt!r}",
-                      height=330 * len(maps) + 60, margin=dict(t=80, l=10))
+        fig.update_yaxes(title_text=label, row=i + 1, col=1)
+    shown = prompt if len(prompt) <= 90 else prompt[:87] + "..."
+    fig.update_layout(title=dict(text=f"Attention, mean over heads (register first)<br><sup>{shown!r}</sup>",
+                                 x=0, xanchor="left", xref="paper"),
+                      height=max(300, 180 * len(maps) + 120), margin=dict(t=90, l=60, r=20, b=20))
     return fig
 
 
@@ -118,7 +123,7 @@ def qk_norm_figure(norms: Mapping[str, list], title: str = "Pre-norm query and k
             x = np.concatenate([np.full(len(layer[name]), f"layer {j}") for j, layer in enumerate(layers)])
             fig.add_box(x=x, y=values, name=label, marker_color=variant_color(label, i), boxpoints=False,
                         legendgroup=label, showlegend=col == 1, row=1, col=col)
-    fig.update_layout(title_text=title, boxmode="group", height=420, margin=dict(t=60, b=40))
+    fig.update_layout(title_text=title, boxmode="group", height=440, margin=dict(t=85, b=40))
     fig.update_yaxes(title_text="Euclidean norm (per head)", row=1, col=1)
     return fig
 
@@ -258,15 +263,3 @@ def verify_checksums(root: str | Path, sums_file: str = "SHA256SUMS"):
         rows.append({"file": name.removeprefix("./"), "bytes": path.stat().st_size,
                      "sha256 matches": digest.hexdigest() == expected})
     return pd.DataFrame(rows).set_index("file")
-
-
-def chapters_citing(files: Iterable[str], book_dir: str | Path) -> dict[str, list[str]]:
-    """For each result file (a path relative to results/), the chapters (book/*.md) whose text names
-    it: by file name, or by folder name for a run's generic summary.json."""
-    chapters = {p.stem: p.read_text() for p in sorted(Path(book_dir).glob("*.md"))}
-    found = {}
-    for file in files:
-        path = Path(file)
-        key = path.parent.name if path.name == "summary.json" else path.name
-        found[file] = [name for name, text in chapters.items() if key in text]
-    return found
