@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ..kernels.tuning import bucket
 from ..runs import environment, write_json
 from .attention import DEFAULT_SHAPES, DTYPES, time_variant
 
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             for name in (impls if r % 2 == 0 else list(impls)[::-1]):
                 fwd, fwdbwd = time_variant(impls[name], q, k, v, causal, rep_ms=args.rep_ms)[:2]
                 best[name] = [min(best[name][0], fwd), min(best[name][1], fwdbwd)]
-        key_bucket = 1 << max(4, (shape[2] - 1).bit_length())
+        key_bucket = bucket(shape[2])
         chosen = [c for c in FWD_TUNER.choices() + BWD_TUNER.choices() if c["key"]["key_bucket"] == str(key_bucket)
                   and c["key"]["head_dim"] == str(shape[3]) and c["key"]["causal"] == str(causal)]
         row = {"b": shape[0], "h": shape[1], "n": shape[2], "d": shape[3], "dtype": args.dtype, "causal": causal,

@@ -238,14 +238,15 @@ class Tuner:
             return
         candidates = [c for c in self.configs if self.fits(c, dtype)] or self.configs[-1:]
         fields = portable_key(key)
-        if len(candidates) == 1 or mode() == "0" or key[KEY_FIELDS.index("device")].type != "cuda":
+        device = key[KEY_FIELDS.index("device")]
+        if len(candidates) == 1 or mode() == "0" or device.type != "cuda":
             self._first_launch(key, fields, [candidates[-1] if mode() == "0" else candidates[0]], "only", grid,
                                args, constexprs)
             return
         if COMPILE_SHARE is not None:
             self._compile_share(key, fields, candidates, grid, args, constexprs)
             return
-        gpu_name, capability = gpu(key[KEY_FIELDS.index("device")].index)
+        gpu_name, capability = gpu(device.index)
         cached = None if RETIME else CACHE.get(gpu_name, self.direction, fields)
         if cached is None and mode() == "full":
             cached, finalists = self._choose(candidates, grid, args, constexprs)
