@@ -113,7 +113,7 @@ class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention; `kind` picks the score, `positional` acts on q and k."""
 
     def __init__(self, d_model: int, n_heads: int, kind: str = "rbf",
-                 positional: nn.Module | None = None, layer_index: int = 0):
+                 positional: nn.Module | None = None, layer_index: int = 0, bias: bool = False):
         super().__init__()
         if kind not in ATTENTION_KINDS:
             raise ValueError(f"attention kind must be one of {ATTENTION_KINDS}, got {kind!r}")
@@ -121,9 +121,10 @@ class CausalSelfAttention(nn.Module):
             raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
         self.kind, self.n_heads, self.head_dim = kind, n_heads, d_model // n_heads
         self.layer_index = layer_index
-        # No biases: a zero register then has the zero key, whose distance to a query is ||q||.
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
-        self.proj = nn.Linear(d_model, d_model, bias=False)
+        # No biases by default: a zero register then has the zero key, whose distance to a query
+        # is ||q||. The seed's model has them (`bias=True`, its presets reproduce it).
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
+        self.proj = nn.Linear(d_model, d_model, bias=bias)
         self.q_norm = nn.RMSNorm(self.head_dim) if kind == "sdpa_qknorm" else None
         self.k_norm = nn.RMSNorm(self.head_dim) if kind == "sdpa_qknorm" else None
         self.positional = positional

@@ -9,6 +9,9 @@ much of the error abstention accounts for.
 OOD detection treats in-distribution as the positive class, higher score = more in-distribution:
 AUROC, FPR at 95% TPR and AUPR (average precision, in-distribution positive) all follow that
 convention, which is also scikit-learn's for `roc_auc_score(y, score)` with y = 1 in-distribution.
+
+`paired_difference` compares two training arms run with the same seeds (same data order): the
+mean of the per-seed differences and its 95% Student-t interval.
 """
 from __future__ import annotations
 
@@ -137,3 +140,28 @@ def pca(embeddings: np.ndarray, components: int = 2) -> tuple[np.ndarray, np.nda
     """Project onto the top principal components; returns (projected, explained variance ratio)."""
     mean, axes, ratio = pca_basis(embeddings, components)
     return (embeddings - mean) @ axes.T, ratio
+
+
+# Student's t quantile t_{0.975, df} for df = 1..30 (beyond 30 the next tabulated values are within 2%).
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+         2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+         2.052, 2.048, 2.045, 2.042)
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """Mean of a - b over pairs (a[i], b[i] share seed i), its sample std, n and 95% t interval.
+
+    Pairing removes what the two arms share (initial data order, the seed's luck), so the interval
+    is about the arms' difference alone. Needs at least two pairs.
+    """
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired values must be two 1-d arrays of one length, got {a.shape} and {b.shape}")
+    if len(a) < 2:
+        raise ValueError(f"a paired interval needs at least 2 pairs, got {len(a)}")
+    if len(a) - 1 > len(T_975):
+        raise ValueError(f"t quantiles are tabulated up to {len(T_975) + 1} pairs, got {len(a)}")
+    diff = a - b
+    mean, std = float(diff.mean()), float(diff.std(ddof=1))
+    half = T_975[len(a) - 2] * std / np.sqrt(len(a))
+    return {"mean": mean, "std": std, "n": len(a), "low": mean - half, "high": mean + half}

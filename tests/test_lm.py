@@ -17,7 +17,8 @@ from rbf_lite.attention import ATTENTION_KINDS, KVCache
 from rbf_lite.bench.lm_step import CASES
 from rbf_lite.bench.lm_step import main as run_step_benchmark
 from rbf_lite.inspect_norms import key_norm_histograms, norm_trajectories, prompt_attention_maps, qk_norms
-from rbf_lite.lm import LMConfig, build_parser, load_run, parse_args, train
+from rbf_lite.lm import LMConfig, build_parser, load_run, lr_factor, parse_args, train
+from rbf_lite.seed_presets import PRESETS, preset_settings
 from rbf_lite.models.gpt import GPT, GPTConfig
 from rbf_lite.positional import POSITIONAL_KINDS
 from rbf_lite.runs import read_jsonl
@@ -224,7 +225,8 @@ def test_an_existing_run_is_neither_overwritten_nor_mixed_without_a_flag(generat
 def test_cli_help_gives_every_option_a_sentence_and_its_default():
     parser = build_parser()
     options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
-    assert len(options) == len(fields(LMConfig)), "every LMConfig field has one option"
+    bookkeeping = {"preset_overrides"}  # set by --preset and the flags given, not a flag of its own
+    assert len(options) == len(fields(LMConfig)) - len(bookkeeping), "every LMConfig field has one option"
     text = parser.format_help()
     for action in options:
         flag = action.option_strings[0]
@@ -285,3 +287,97 @@ def test_step_benchmark_writes_timings_and_ratios(tmp_path):
     assert [(r["attention"], r["pos"]) for r in report["results"]] == list(CASES)
     assert report["results"][0]["time_ratio_vs_sdpa"] == 1.0
     assert all(r["tokens_per_s"] > 0 for r in report["results"]) and "torch" in saved["environment"]
+
+
+# ---------------------------------------------------------------- the seed's presets
+
+
+SEED_SETTINGS = {  # read off train_rbf_transformer.py at 61707b5, independently of seed_presets.py
+    "layout": "stories", "tokenizer": "gpt2", "d_model": 256, "n_layers": 4, "n_heads": 4, "batch_size": 64,
+    "lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 0.01, "decay_all": True, "grad_clip": None,
+    "warmup_fraction": 0.03, "warmup_start": 1e-5, "min_lr_ratio": 0.01, "epochs": 1.0, "precision": "fp16",
+    "init": "torch", "projection_bias": True, "tie_lm_head": False,
+}
+
+
+@pytest.mark.parametrize("preset, arm, pos, registers", [
+    ("seed-headline", "sdpa", "learned", 0), ("seed-headline", "rbf", "learned", 0),
+    ("seed-susie", "sdpa", "rope", 1), ("seed-susie", "rbf", "susie", 1)])
+def test_presets_set_every_seed_setting(preset, arm, pos, registers):
+    config = parse_args(["--preset", preset, "--attention", arm, "--seed", "4"])
+    for name, value in SEED_SETTINGS.items():
+        assert getattr(config, name) == value, name
+    assert (config.pos, config.registers, config.seed, config.preset) == (pos, registers, 4, preset)
+    assert config.context_length == 255 - registers, "rows of 256 - R tokens; inputs drop the last"
+    assert config.preset_overrides == (), "nothing was overridden"
+    assert set(preset_settings(preset, arm)) - {"preset"} <= {f.name for f in fields(LMConfig)}
+
+
+def test_flags_override_a_preset_and_say_so():
+    config = parse_args(["--preset", "seed-headline", "--attention", "rbf", "--lr", "3e-4", "--d-model", "128",
+                         "--heads", "2", "--batch-size", "64"])
+    assert config.lr == 3e-4 and config.d_model == 128 and config.n_heads == 2
+    assert config.preset_overrides == ("d_model", "lr", "n_heads"), "a value equal to the preset's is no override"
+    with pytest.raises(ValueError, match="arms"):
+        parse_args(["--preset", "seed-susie", "--attention", "sdpa_qknorm"])
+    with pytest.raises(SystemExit):
+        parse_args(["--preset", "seed-everything"])
+    assert set(PRESETS) == {"seed-headline", "seed-susie"}
+
+
+def test_torch_init_is_pytorchs_default_with_biases_and_an_untied_head():
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=4000, context_length=64, d_model=256, n_layers=2, n_heads=4, attention="sdpa",
+                       pos="learned", num_registers=1, init="torch", projection_bias=True, tie_lm_head=False)
+    model = GPT(config)
+    assert model.token_embedding.weight.std().item() == pytest.approx(1.0, rel=0.02)  # nn.Embedding: N(0, 1)
+    assert model.position_embedding.table.weight.std().item() == pytest.approx(1.0, rel=0.05)
+    bound = 1 / math.sqrt(256)  # nn.Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases
+    qkv = model.blocks[0].attn.qkv
+    assert qkv.bias is not None and model.blocks[0].attn.proj.bias is not None
+    assert qkv.weight.abs().max() <= bound and qkv.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.02)
+    assert model.lm_head.weight is not model.token_embedding.weight and model.lm_head.bias is not None
+    assert model.registers.std().item() == pytest.approx(256 ** -0.5, rel=0.3), "SDPA registers: N(0, 1/d)"
+    rbf = GPT(replace(config, attention="rbf"))
+    assert torch.equal(rbf.registers, torch.zeros_like(rbf.registers)), "RBF registers start at zero"
+    ours = GPT(replace(config, init="gpt2", projection_bias=False, tie_lm_head=True))
+    assert ours.token_embedding.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert ours.lm_head.weight is ours.token_embedding.weight and ours.blocks[0].attn.qkv.bias is None
+
+
+def test_seed_schedule_matches_torchs_linear_then_cosine_schedulers():
+    config = replace(LMConfig(), steps=200, warmup_steps=6, warmup_start=1e-5, min_lr_ratio=0.01, lr=1e-3)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=config.lr)
+    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1e-5, total_iters=6)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=200 - 6, eta_min=1e-5)
+    seed = torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[6])
+    for step in range(200):
+        assert config.lr * lr_factor(step, config) == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-6, abs=1e-12)
+        optimizer.step()
+        seed.step()
+
+
+def test_epochs_warmup_fraction_and_eval_points_resolve_from_the_data():
+    config = replace(LMConfig(), epochs=1.0, warmup_fraction=0.03, eval_points=25, batch_size=64)
+    resolved = config.resolved(train_rows=16_000)
+    assert resolved.steps == 250 and resolved.warmup_steps == 8 and resolved.eval_every == 10
+    assert config.resolved(train_rows=16_063).steps == 250, "a partial last batch is left out: no row twice"
+    with pytest.raises(ValueError, match="epochs"):
+        LMConfig(epochs=0)
+
+
+@pytest.mark.slow
+def test_story_layout_trains_validates_on_held_out_stories_and_records_the_preset(generated_text, tmp_path):
+    out = tmp_path / "stories"
+    config = tiny(out, generated_text, layout="stories", validation_holdout=40, epochs=1.0, warmup_fraction=0.1,
+                  eval_points=4, init="torch", projection_bias=True, tie_lm_head=False, betas=(0.9, 0.999),
+                  decay_all=True, grad_clip=None, warmup_start=1e-5, preset="seed-susie",
+                  preset_overrides=("d_model",))
+    summary = train(config)
+    rows, distinct = summary["data"]["train_rows"], len(set(generated_text.read_text().split("\n<|endoftext|>\n")))
+    assert summary["data"]["validation_rows"] == 40 and rows == distinct - 40, "one row per distinct story"
+    assert summary["steps_done"] == rows // 8 == 41 and summary["config"]["warmup_steps"] == 4
+    assert len(losses(out, "val_loss")) >= 4 and summary["val_loss"] < losses(out, "train_loss")[0] - 1.0
+    assert "one story per row" in summary["data"]["layout"]
+    assert summary["preset"]["name"] == "seed-susie" and "d_model" in summary["preset"]["overrides"]
+    assert all(r["grad_norm"] > 0 for r in read_jsonl(out / "log.jsonl") if "grad_norm" in r)

@@ -2,12 +2,18 @@
 
 Token embedding (+ learned absolute positions if chosen), `num_registers` learned vectors
 prepended to every sequence, pre-LayerNorm blocks (attention, then a 4x GELU MLP), a final norm
-and an LM head tied to the token embedding. Registers give attention a place to put weight when
-no token is relevant; they are dropped before the LM head and are never predicted.
+and an LM head (tied to the token embedding unless asked otherwise). Registers give attention a
+place to put weight when no token is relevant; they are dropped before the LM head and are never
+predicted.
 
 Registers start at zero for distance attention: with bias-free projections a zero register's key
 is zero, so a query's distance to it is just ||q||, a neutral "look away" target. Dot-product
 attention gets small random registers (a zero key would give every query the same logit 0).
+
+Two initialisations: `init="gpt2"` (ours: N(0, 0.02) weights, residual writes shrunk by
+sqrt(2 n_layers), a tied LM head) and `init="torch"`, the seed's: PyTorch's default of every
+layer (N(0, 1) embeddings, Kaiming-uniform linears), with `projection_bias=True` and an untied
+LM head with a bias, and dot-product registers drawn from N(0, 1/d_model).
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from ..positional import POSITIONAL_KINDS, LearnedPositions, qk_positional
 from ..rbf import SUPPORTED_HEAD_DIMS
 
 DISTANCE_KINDS = ("rbf", "rbf_reference", "rbf_flex")
+INITS = ("gpt2", "torch")
 
 
 @dataclass
@@ -35,12 +42,17 @@ class GPTConfig:
     pos: str = "susie"
     num_registers: int = 1
     mlp_ratio: int = 4
+    init: str = "gpt2"              # gpt2 | torch (PyTorch's defaults, as the seed)
+    projection_bias: bool = False   # biases on the q/k/v and output projections
+    tie_lm_head: bool = True        # False: a separate LM head with a bias
 
     def __post_init__(self):
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
         if self.pos not in POSITIONAL_KINDS:
             raise ValueError(f"pos must be one of {POSITIONAL_KINDS}, got {self.pos!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         for name in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads", "mlp_ratio"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -63,7 +75,8 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(config.d_model)
         self.attn = CausalSelfAttention(
             config.d_model, config.n_heads, config.attention,
-            qk_positional(config.pos, config.n_heads, head_dim, config.num_registers), layer_index)
+            qk_positional(config.pos, config.n_heads, head_dim, config.num_registers), layer_index,
+            bias=config.projection_bias)
         self.norm2 = nn.LayerNorm(config.d_model)
         hidden = config.mlp_ratio * config.d_model
         self.mlp = nn.Sequential(nn.Linear(config.d_model, hidden), nn.GELU(),
@@ -84,15 +97,17 @@ class GPT(nn.Module):
                                    if config.pos == "learned" else None)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.final_norm = nn.LayerNorm(config.d_model)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.lm_head.weight = self.token_embedding.weight
-        self.apply(self._init_weights)
-        for block in self.blocks:  # GPT-2: shrink residual writes so the stream's scale stays ~1
-            for layer in (block.attn.proj, block.mlp[2]):
-                nn.init.normal_(layer.weight, std=0.02 / (2 * config.n_layers) ** 0.5)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=not config.tie_lm_head)
+        if config.tie_lm_head:
+            self.lm_head.weight = self.token_embedding.weight
+        if config.init == "gpt2":
+            self.apply(self._init_weights)
+            for block in self.blocks:  # GPT-2: shrink residual writes so the stream's scale stays ~1
+                for layer in (block.attn.proj, block.mlp[2]):
+                    nn.init.normal_(layer.weight, std=0.02 / (2 * config.n_layers) ** 0.5)
         registers = torch.zeros(config.num_registers, config.d_model)
         if config.attention not in DISTANCE_KINDS:
-            registers.normal_(std=0.02)
+            registers.normal_(std=0.02 if config.init == "gpt2" else config.d_model ** -0.5)
         self.registers = nn.Parameter(registers)
 
     @staticmethod
