@@ -117,3 +117,27 @@ def test_bad_input():
         metrics.ece(np.full((2, 3), 1 / 3), np.array([0, 3]))
     with pytest.raises(ValueError, match="probabilities must have shape"):
         metrics.accuracy(np.zeros((0, 3)), np.zeros(0, dtype=int))
+
+
+def test_t_quantiles_are_the_975th_percentile_of_students_t():
+    """Each tabulated t_{0.975, df} against the t density integrated numerically."""
+    from math import gamma, pi, sqrt
+    for df, quantile in enumerate(metrics.T_975, start=1):
+        x = np.linspace(0, quantile, 200_001)
+        density = gamma((df + 1) / 2) / (sqrt(df * pi) * gamma(df / 2)) * (1 + x ** 2 / df) ** (-(df + 1) / 2)
+        assert 0.5 + np.trapezoid(density, x) == pytest.approx(0.975, abs=2e-4), df
+
+
+def test_paired_difference_is_the_mean_difference_with_a_t_interval():
+    rng = np.random.default_rng(5)
+    shared = rng.normal(3.0, 1.0, size=5)  # what a seed gives both arms: cancels in the pairs
+    a, b = shared + np.array([0.11, 0.09, 0.1, 0.12, 0.08]), shared
+    diff = metrics.paired_difference(a, b)
+    assert diff["mean"] == pytest.approx(0.1) and diff["n"] == 5
+    half = 2.776 * np.std(a - b, ddof=1) / np.sqrt(5)
+    assert (diff["low"], diff["high"]) == (pytest.approx(0.1 - half), pytest.approx(0.1 + half))
+    assert diff["high"] - diff["low"] < 0.05, "pairing removes the seeds' large shared spread"
+    with pytest.raises(ValueError, match="at least 2"):
+        metrics.paired_difference([1.0], [2.0])
+    with pytest.raises(ValueError, match="one length"):
+        metrics.paired_difference([1.0, 2.0], [1.0])

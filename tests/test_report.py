@@ -221,3 +221,48 @@ def test_tiny_run_tables_show_each_head_and_score():
     assert list(scores["score"]) == ["MSP", "max-known", "1 − p(abstain)"]
     panels = halo.tiny_run_panels(runs)
     assert [note for _, _, note in panels] == [f"ECE {r['metrics']['ece']:.3f}" for r in runs]
+
+
+def _write_run(root, preset, arm, seed, val, d_model=256, cap=None):
+    run = root / preset / f"{arm}-seed{seed}-{d_model}-{cap}"
+    run.mkdir(parents=True)
+    config = {"preset": preset, "attention": arm, "seed": seed, "d_model": d_model, "train_tokens": cap,
+              "pos": "learned"}
+    summary = {"config": config, "data": {"train_tokens": cap or 1000}, "val_loss": val[-1], "steps_done": 20}
+    (run / "summary.json").write_text(json.dumps(summary))
+    records = [{"step": s, "train_loss": v + 0.5} for s, v in zip((10, 20), val)]
+    records += [{"step": s, "val_loss": v, "qk_norms": [{"q": 1.0, "k": 1.0}]} for s, v in zip((10, 20), val)]
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_seed_runs_pair_the_arms_by_seed_and_report_rbf_minus_sdpa(tmp_path):
+    from rbf_lite.viz import seed_tinystories as seed
+    root = tmp_path / "tinystories-seed"
+    for k, gap in enumerate((-0.05, -0.06, -0.04)):
+        _write_run(root, "seed-headline", "sdpa", k, [4.0, 3.0 + k])
+        _write_run(root, "seed-headline", "rbf", k, [4.0, 3.0 + k + gap])
+    _write_run(root, "seed-headline", "sdpa", 7, [4.0, 1.0])  # no RBF twin: left out of the pairs
+    _write_run(root, "seed-headline", "rbf", 0, [4.0, 2.0], cap=500)  # another data size: its own group
+    runs = seed.seed_runs("tinystories-seed", tmp_path)
+    assert len(runs) == 8
+    matched = seed.pairs(runs)[("seed-headline", None, 256)]
+    assert [(a["seed"], a["arm"], b["arm"]) for a, b in matched] == [(k, "sdpa", "rbf") for k in range(3)]
+    row = seed.paired_rows(runs)[0]
+    assert row["seeds"] == 3 and row["val"]["mean"] == pytest.approx(-0.05)
+    assert row["val"]["low"] < -0.05 < row["val"]["high"]
+    assert row["train"]["mean"] == pytest.approx(-0.025), "the mean of the last five logged training losses"
+    table = seed.paired_table(runs)
+    assert list(table["preset"]) == ["seed-headline"] and table["RBF − SDPA, val [95%]"][0].startswith("-0.0500")
+    fig = seed.paired_curve_figure(runs)
+    assert list(fig.data[1].y) == pytest.approx([0.0, -0.05])
+
+
+def test_the_committed_seed_runs_are_complete_pairs():
+    from rbf_lite.viz import seed_tinystories as seed
+    runs = seed.seed_runs("tinystories-seed", RESULTS)
+    rows = seed.paired_rows(runs)
+    assert {r["preset"] for r in rows} == {"seed-headline", "seed-susie"}
+    assert all(r["seeds"] >= 5 and len(r["val"]) == 5 for r in rows)
+    for run in runs:
+        assert run["summary"]["preset"]["overrides"] == {} and len(run["log"]["val_step"]) >= 20
+        assert run["summary"]["config"]["layout"] == "stories" and run["summary"]["completed"]

@@ -419,14 +419,15 @@ def test_shuffled_batches_take_story_rows():
     assert x.shape == (6, 8) and torch.equal(x, rows.rows(batches.indices(2))[0])
 
 
-def test_prepare_counts_the_stories_and_tokens_it_used_in_one_line(tmp_path, monkeypatch, capsys):
+def test_prepare_says_what_stories_and_tokens_it_used_within_a_page_width(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RBF_LITE_CACHE", str(tmp_path / "cache"))
     stories = generated_stories(80)
     write_stories(tmp_path / "data" / "tinystories" / "train-sample.txt", stories[:50])
     write_stories(tmp_path / "data" / "tinystories" / "train-extra.txt", stories[40:])  # 10 duplicates
     data = prepare_tinystories(tmp_path / "data", tokenizer="bpe", bpe_vocab_size=300, validation_holdout=8)
-    line = capsys.readouterr().out.strip()
-    assert len(line.splitlines()) == 1
+    printed = capsys.readouterr().out.strip()
+    assert all(len(row) <= 79 for row in printed.splitlines()), "wrapped to fit the page"
+    line = " ".join(printed.split())
     c = data.counts
     assert (c["train_stories"], c["validation_stories"], c["duplicates"]) == (72, 8, 10)
     assert c["train_tokens"] == len(data.train) and c["validation_tokens"] == len(data.validation)

@@ -44,6 +44,7 @@ import hashlib
 import itertools
 import os
 import re
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -578,7 +579,7 @@ def prepare_tinystories(path: str | Path | list | None = None, tokenizer: str = 
 
 
 def _summary_line(counts: dict, all_train_tokens: int) -> str:
-    """One line: the stories and tokens used per split, where from, and what was dropped."""
+    """A few lines: the stories and tokens used per split, where from, and what was dropped."""
     names = " + ".join(Path(f).name if not f.startswith("hub:") else f for f in counts["files"])
     train = f"{counts['train_stories']:,} training stories ({counts['train_tokens']:,} tokens)"
     if counts["train_tokens"] < all_train_tokens:
@@ -597,8 +598,9 @@ def _summary_line(counts: dict, all_train_tokens: int) -> str:
         validation = f"the last {n:,} stories held out"
     else:
         validation = f"{n:,} stories held out at random, seed {HOLDOUT_SEED}"
-    return (f"TinyStories: {train}, {dropped}; validation: {validation} "
+    text = (f"TinyStories: {train}, {dropped}; validation: {validation} "
             f"({counts['validation_tokens']:,} tokens)")
+    return textwrap.fill(text, 79, subsequent_indent="  ", break_on_hyphens=False)  # fits a page
 
 
 __all__ = ["DataNotFoundError", "MalformedDataError", "Stories", "TextTokenizer", "PackedWindows",

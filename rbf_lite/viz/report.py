@@ -555,6 +555,17 @@ def write_all(results: str | Path | None, out: str | Path) -> list[Path]:
         (out / "tinystories_samples.md").write_text(
             "".join(f"**{v}**: {text}\n\n" for v, text in samples(runs).items()))
         written.append(out / "tinystories_samples.md")
+    from . import seed_tinystories as seed
+    seed_main = seed.seed_runs("tinystories-seed", root)
+    if seed_main:
+        seed_all = seed_main + seed.seed_runs("tinystories-scaling", root)
+        table("tinystories_seed_paired", seed.paired_table(seed_main))
+        table("tinystories_seed_scaling", seed.scaling_table(seed_all))
+        table("tinystories_seed_width", seed.width_table(seed_all))
+        figure("tinystories_seed_paired_curve", seed.paired_curve_figure(seed_main))
+        figure("tinystories_seed_scaling", seed.scaling_figure(seed_all))
+        for preset in seed.PRESET_TITLES:
+            figure(f"tinystories_{preset}_qk_norms", qk_norm_trajectories(seed.norm_runs(seed_main, preset)))
     cifar10, openset = cifar_summaries("cifar10", root), cifar_summaries("cifar10-openset", root)
     if cifar10:
         table("cifar10_table", cifar_table(cifar10))

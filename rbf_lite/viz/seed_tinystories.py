@@ -19,8 +19,7 @@ from .report import results_root
 from .training import read_log, read_summary, variant_color
 
 ARMS = ("sdpa", "rbf")
-PRESET_TITLES = {"seed-headline": "learned positions, no registers",
-                 "seed-susie": "SDPA+RoPE vs RBF+SuSiE, one register"}
+PRESET_TITLES = {"seed-headline": "learned positions", "seed-susie": "RoPE vs SuSiE"}
 # What the seed reported, read off its published curves (one seed each, 33k steps, full dataset).
 SEED_READINGS = {
     "seed-headline": "training loss about 1.52 (SDPA) vs 1.49 (RBF) at 33k steps: RBF ahead by ~0.03",
@@ -138,7 +137,7 @@ def paired_curve_figure(runs: Sequence[dict], d_model: int = 256, cap=None) -> g
         fig.add_hline(y=0, line=dict(color="grey", dash="dot"), row=1, col=col)
         fig.update_xaxes(title_text="step", row=1, col=col)
     fig.update_yaxes(title_text="RBF − SDPA val loss (nats)", row=1, col=1)
-    fig.update_layout(height=380, margin=dict(t=60, b=40),
+    fig.update_layout(height=400, margin=dict(t=60, b=60),
                       title=dict(text="Paired difference along training (mean, 95% interval)", x=0.01))
     return fig
 

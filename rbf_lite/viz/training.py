@@ -17,7 +17,8 @@ import torch
 from . import DOT, PALETTE, RBF, go, make_subplots
 
 # One colour per attention variant, used by every figure of these chapters.
-VARIANT_COLORS = {"sdpa+rope": DOT, "sdpa_qknorm+rope": PALETTE[1], "rbf+susie": RBF}
+VARIANT_COLORS = {"sdpa+rope": DOT, "sdpa_qknorm+rope": PALETTE[1], "rbf+susie": RBF,
+                  "sdpa+learned": DOT, "rbf+learned": RBF}
 
 
 def variant_color(label: str, index: int = 0) -> str:
