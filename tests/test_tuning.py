@@ -1,11 +1,19 @@
-"""How a kernel configuration is chosen without timing: the disk cache, the shipped table, the heuristic."""
+"""How a kernel configuration is chosen without timing: the disk cache, the shipped table, the heuristic;
+and how kernels are compiled ahead of their launch, in the background."""
+import contextlib
+import gc
 import json
+import threading
+import time
+import types
+import weakref
 
 import pytest
 import torch
 import triton
-from triton.runtime.errors import OutOfResources
+from triton.runtime.errors import OutOfResources, PTXASError
 
+from rbf_lite import rbf_attention_reference
 from rbf_lite.kernels import rbf_attention as kernel
 from rbf_lite.kernels import tuning
 
@@ -36,7 +44,7 @@ class FakeLauncher:
     def __init__(self, too_large=()):
         self.launched, self.too_large = [], set(too_large)
 
-    def __call__(self, grid, args, constexprs, num_warps, num_stages, maxnreg):
+    def __call__(self, grid, args, constexprs, num_warps, num_stages, maxnreg, on_compile=None):
         config = triton.Config({k: constexprs[k] for k in ("BLOCK_M", "BLOCK_N", "MASKED_FIRST")},
                                num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg)
         if config in self.too_large:
@@ -227,3 +235,270 @@ def test_tune_cli_rejects_malformed_shapes():
     for bad in ("2,8,1024", "a,b,c,d", ";"):
         with pytest.raises(SystemExit, match="--shapes takes"):
             parse_shapes(bad)
+
+
+# ----- compiling ahead, in the background ------------------------------------------------------------------
+
+class FakeJIT:
+    """Stands for a Triton JITFunction: records its compiles ahead (warmup) and its launches through the
+    JIT. A warmup waits for `gate` if given, and raises `fail` where fail_if(kwargs) says so."""
+
+    params = []
+
+    def __init__(self, gate=None, fail=None, fail_if=lambda kwargs: True):
+        self.gate, self.fail, self.fail_if = gate, fail, fail_if
+        self.warmups, self.launches = [], []
+
+    def warmup(self, *args, grid, **kwargs):
+        if self.gate is not None:
+            assert self.gate.wait(10)
+        if self.fail is not None and self.fail_if(kwargs):
+            raise self.fail
+        self.warmups.append((args, kwargs))
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((args, kwargs)) or object()
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """CompiledLauncher's direct path on the CPU: device 0, no CUDA calls, no Triton driver."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext())
+    no_driver = types.SimpleNamespace(active=types.SimpleNamespace(get_current_target=lambda: None))
+    monkeypatch.setattr(kernel, "driver", no_driver)
+
+
+def direct_launcher(jit, constexpr_names=("BLOCK",)):
+    launcher = kernel.CompiledLauncher(jit)
+    launcher.direct, launcher.constexpr_names = True, list(constexpr_names)
+    return launcher
+
+
+def test_a_launch_waits_for_its_compile_ahead_then_takes_it_from_the_jit(fake_gpu):
+    """The compile ahead gets the very arguments and options of the launch (so Triton keys both alike);
+    a launch of the same class (here other lengths, still divisible by 16) waits for it."""
+    gate = threading.Event()
+    jit = FakeJIT(gate=gate)
+    launcher = direct_launcher(jit)
+    x = torch.empty(4, 16)
+    kernel.compile_in_background([launcher.ahead((1,), (x, 1024, 7), {"BLOCK": 32}, 4, 3, None)])
+    assert launcher.ahead((1,), (x, 2048, 7), {"BLOCK": 32}, 4, 3, None) is None, "the same class is under way"
+    other_class = launcher.ahead((1,), (x, 1000, 7), {"BLOCK": 32}, 4, 3, None)
+    assert other_class is not None
+    launch = threading.Thread(target=launcher, args=((1,), (x, 1008, 5), {"BLOCK": 32}, 4, 3, None))
+    launch.start()
+    time.sleep(0.2)
+    assert jit.launches == [], "the launch must wait for the compile of its class"
+    gate.set()
+    launch.join(10)
+    options = {"BLOCK": 32, "num_warps": 4, "num_stages": 3}
+    assert jit.warmups == [((x, 1024, 7), options)]
+    assert jit.launches == [((x, 1008, 5), options)]
+    kernel.finish_background_compiles()
+
+
+def test_an_error_compiling_ahead_is_raised_by_the_launch_that_needs_it(fake_gpu):
+    """Not swallowed: the launch raises it, and the next launch compiles again. The failed compile keeps
+    no tensor alive (its traceback's frames are cleared)."""
+    jit = FakeJIT(fail=ValueError("no such tile"))
+    launcher = direct_launcher(jit)
+    x = torch.empty(4, 16)
+    alive = weakref.ref(x)
+    kernel.compile_in_background([launcher.ahead((1,), (x, 64), {"BLOCK": 32})])
+    kernel.finish_background_compiles()
+    del x
+    gc.collect()
+    assert alive() is None, "a failed compile ahead should not keep its arguments"
+    y = torch.empty(4, 16)
+    with pytest.raises(ValueError, match="no such tile"):
+        launcher((1,), (y, 32), {"BLOCK": 32})
+    assert jit.launches == []
+    launcher((1,), (y, 32), {"BLOCK": 32})
+    assert len(jit.launches) == 1
+
+
+def test_a_tile_that_fails_to_compile_ahead_falls_back_as_at_launch(fake_gpu, cache, monkeypatch):
+    """ptxas refusing the heuristic's first tile in the background: the launch raises its error where
+    the tuner catches it, and the next tile is launched instead."""
+    first, second = kernel._heuristic_fwd(128)[:2]
+    jit = FakeJIT(fail=PTXASError("too many registers"),
+                  fail_if=lambda kwargs: kwargs["BLOCK_M"] == first.kwargs["BLOCK_M"]
+                  and kwargs["BLOCK_N"] == first.kwargs["BLOCK_N"] and kwargs["num_warps"] == first.num_warps)
+    launcher = direct_launcher(jit, ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "MASKED_FIRST"))
+    tuner = forward_tuner(launcher, monkeypatch)
+    grid, args = (lambda meta: (1,)), (lambda meta: (torch.empty(8),))
+    kernel.compile_in_background([tuner.ahead(key(d=128), torch.bfloat16, grid, args, HEAD_DIM=128)])
+    tuner.launch(key(d=128), torch.bfloat16, grid, args, HEAD_DIM=128)
+    assert [kwargs["BLOCK_M"] for _, kwargs in jit.launches] == [second.kwargs["BLOCK_M"]]
+    assert tuner.chosen[key(d=128)] == second
+
+
+def test_the_tuner_compiles_ahead_the_configuration_it_will_launch(cache, monkeypatch):
+    """The first candidate of the plan (here the table's), or the one already chosen; nothing while
+    every candidate is timed ("full" mode) or compiled by the tuner's workers."""
+    chosen = kernel.TUNED_FWD_CONFIGS[5]
+    launcher = FakeLauncher()
+    launcher.ahead = lambda grid, args, constexprs, *options: (constexprs["BLOCK_M"], *options)
+    tuner = forward_tuner(launcher, monkeypatch, {GPU[0]: {"capability": "9.0", "forward": [entry(chosen)]}})
+    expected = (chosen.kwargs["BLOCK_M"], chosen.num_warps, chosen.num_stages, chosen.maxnreg)
+    ahead = lambda: tuner.ahead(key(), torch.bfloat16, lambda meta: (1,), lambda meta: (), HEAD_DIM=64)  # noqa: E731
+    assert ahead() == expected
+    launch(tuner, key())
+    assert ahead() == expected and launcher.launched == [chosen]
+    monkeypatch.setattr(tuning, "COMPILE_SHARE", (0, 2))
+    assert ahead() is None
+    monkeypatch.setattr(tuning, "COMPILE_SHARE", None)
+    monkeypatch.setenv("RBF_LITE_AUTOTUNE", "full")
+    assert ahead() is None
+
+
+def test_background_compiles_setting(monkeypatch):
+    monkeypatch.delenv("RBF_LITE_BACKGROUND_COMPILE", raising=False)
+    assert kernel.background_compiles() == "1"
+    for value in ("0", "backward", "1"):
+        monkeypatch.setenv("RBF_LITE_BACKGROUND_COMPILE", value)
+        assert kernel.background_compiles() == value
+    monkeypatch.setenv("RBF_LITE_BACKGROUND_COMPILE", "yes")
+    with pytest.raises(ValueError, match="RBF_LITE_BACKGROUND_COMPILE must be"):
+        kernel.background_compiles()
+
+
+@pytest.mark.parametrize("setting, interpreting, cuda, expected", [
+    ("1", False, True, ["bwd (48, 48)", "fwd (47, 47)", "bwd (47, 47)"]),
+    ("backward", False, True, ["bwd (48, 48)"]),
+    ("0", False, True, []),
+    ("1", True, True, []),      # the interpreter: every launch goes through the JIT, nothing to compile ahead
+    ("1", False, False, []),    # not on a GPU
+])
+def test_what_a_forward_compiles_ahead(setting, interpreting, cuda, expected, monkeypatch):
+    jobs = []
+    monkeypatch.setenv("RBF_LITE_BACKGROUND_COMPILE", setting)
+    monkeypatch.setattr(kernel, "INTERPRETING", interpreting)
+    monkeypatch.setattr(kernel, "compile_in_background", lambda js: jobs.extend(js))
+    monkeypatch.setattr(kernel, "_forward", lambda *a, ahead: f"fwd {ahead}")
+    monkeypatch.setattr(kernel, "_backward", lambda *a, ahead: f"bwd {ahead}")
+    q = types.SimpleNamespace(is_cuda=cuda, shape=(1, 2, 48, 16))
+    kernel._compile_ahead(q, q, q, None, None, None, True, 0.25, True)
+    assert jobs == expected
+
+
+def test_only_a_forward_that_autograd_will_differentiate_compiles_ahead(device, monkeypatch):
+    passed = []
+    launch_forward = kernel.FWD_TUNER.launch
+    monkeypatch.setattr(kernel.FWD_TUNER, "launch",
+                        lambda *a, on_compile=None, **kw: passed.append(on_compile) or launch_forward(*a, **kw))
+    q, k, v = (torch.randn(1, 1, 16, 16, device=device, requires_grad=True) for _ in range(3))
+    kernel.rbf_attention_op(q, k, v, True, 0.25)
+    with torch.no_grad():
+        kernel.rbf_attention_op(q, k, v, True, 0.25)
+    kernel.rbf_attention_op(q.detach(), k.detach(), v.detach(), True, 0.25)
+    assert callable(passed[0]) and passed[1:] == [None, None]
+
+
+@pytest.mark.parametrize("n", [1, 2, 15, 16, 17, 47, 48, 1000, 1024, 1025, 4095, 4096, 16383, 16384, 100_000])
+def test_the_other_length_class_stays_in_the_bucket(n):
+    other = kernel._other_class(n)
+    if n == 1:
+        assert other is None  # Triton makes 1 a constant: no class to pair with
+        return
+    assert tuning.bucket(other) == tuning.bucket(n) and other != 1
+    assert (other % 16 == 0) != (n % 16 == 0)
+
+
+def jit_specialisation(args) -> list:
+    """What Triton's JIT keys a launch's arguments on (its own code, run on the CPU)."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.nvidia.compiler import CUDABackend
+    return [native_specialize_impl(CUDABackend, a, False, True, True) for a in args]
+
+
+def launched(tuner, monkeypatch) -> list:
+    """Each launch of `tuner`: (key, grid, arguments, constexprs) at the configuration it ran."""
+    seen, launch_ = [], tuner.launch
+
+    def record(key, dtype, grid, args, reset=None, on_compile=None, **constexprs):
+        launch_(key, dtype, grid, args, reset=reset, on_compile=on_compile, **constexprs)
+        meta = tuner.chosen[key].kwargs
+        seen.append((key, grid(meta), jit_specialisation(args(meta)), constexprs))
+    monkeypatch.setattr(tuner, "launch", record)
+    return seen
+
+
+def ahead_of(tuner, monkeypatch) -> list:
+    """Each compile ahead asked of `tuner`, as `launched` records launches (nothing compiles)."""
+    seen = []
+
+    def record(key, dtype, grid, args, reset=None, on_compile=None, **constexprs):
+        meta = (tuner.chosen.get(key) or tuner._plan(key, dtype)[0][0]).kwargs  # (what Tuner.ahead takes)
+        seen.append((key, grid(meta), jit_specialisation(args(meta)), constexprs))
+    monkeypatch.setattr(tuner, "ahead", record)
+    return seen
+
+
+@pytest.mark.parametrize("tma, atomic, normalize, long", [
+    ("0", "0", True, False), ("0", "0", False, False), ("0", "0", True, True), ("1", "0", True, False),
+    ("1", "1", True, False), ("0", "1", True, True)])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("lengths, later", [((48, 48), (33, 33)), ((17, 50), (32, 48))])
+def test_the_kernels_compiled_ahead_are_the_kernels_launched(lengths, later, causal, tma, atomic, normalize, long,
+                                                             device, monkeypatch):
+    """What a forward compiles ahead, specialised by Triton's own code, is what the backward then
+    launches, and at the other length class what a later length of that class launches (forward and
+    backward): the same tuning key, constexprs and argument specialisations (and grid, at the same
+    lengths). Both sides run _forward and _backward; this catches what the ahead path does
+    differently (the gradient, the buffers, the lengths, the pre-passes)."""
+    monkeypatch.setattr(kernel, "TMA", tma)
+    monkeypatch.setattr(kernel, "ATOMIC_DQ", atomic)
+    monkeypatch.setattr(kernel, "LONG_KEYS", 16 if long else 10 ** 9)
+    fwd_launches, bwd_launches = launched(kernel.FWD_TUNER, monkeypatch), launched(kernel.BWD_TUNER, monkeypatch)
+    fwd_ahead, bwd_ahead = ahead_of(kernel.FWD_TUNER, monkeypatch), ahead_of(kernel.BWD_TUNER, monkeypatch)
+
+    def forward_backward(n, m):
+        q = torch.randn(1, 2, n, 16, device=device, dtype=torch.float16)  # (not fp32: atomic dq's buffer is fp32)
+        k, v = (torch.randn(1, 2, m, 16, device=device, dtype=torch.float16) for _ in range(2))
+        out, lse, kn = kernel._forward(q, k, v, causal, 0.25, normalize)
+        kernel._backward(torch.randn_like(out), q, k, v, out, lse, kn, causal, 0.25, normalize)
+        return q, k, v, out, lse, kn
+
+    inputs = forward_backward(*lengths)
+    assert kernel._ahead_jobs(*inputs, causal, 0.25, normalize, other_class=True) == [None] * 3
+    forward_backward(*later)
+    assert [kernel._other_class(n) for n in lengths] != list(later)  # another length of the same class
+    assert bwd_ahead[0] == bwd_launches[0]
+    for ahead, launch_ in ((fwd_ahead[0], fwd_launches[1]), (bwd_ahead[1], bwd_launches[1])):
+        assert (ahead[0], ahead[2], ahead[3]) == (launch_[0], launch_[2], launch_[3])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiles for and launches on a GPU")
+def test_on_a_gpu_launches_find_their_kernels_compiled_ahead(monkeypatch):
+    """A first forward+backward: the backward kernel compiles in the background only, never at its
+    launch; then a length of the other class compiles nothing at all. Fresh launchers and JIT caches
+    (Triton's disk cache may hold the kernels: loading them counts as a compile here too)."""
+    from collections import defaultdict
+    from triton import knobs
+    for name in ("FWD_TUNER", "BWD_TUNER"):
+        old = getattr(kernel, name)
+        monkeypatch.setattr(kernel, name, tuning.Tuner(old.direction, kernel.CompiledLauncher(old.launcher.kernel),
+                                                       old.configs, old.fits, old.heuristic))
+        monkeypatch.setattr(old.launcher.kernel, "device_caches", defaultdict(old.launcher.kernel.create_binder))
+    monkeypatch.setenv("RBF_LITE_BACKGROUND_COMPILE", "1")
+    compiles = []
+    monkeypatch.setattr(knobs.runtime, "jit_post_compile_hook",
+                        lambda **kw: compiles.append((kw["fn"].name, threading.current_thread().name)))
+
+    def first_call(n):
+        q, k, v = (torch.randn(2, 3, n, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        out = kernel.rbf_attention_op(q, k, v, True, 0.125)
+        out.backward(torch.randn_like(out))
+        torch.cuda.synchronize()
+        kernel.finish_background_compiles()
+        want = rbf_attention_reference(q.detach().float(), k.detach().float(), v.detach().float(), True, 0.125)
+        torch.testing.assert_close(out.float(), want, atol=4e-2, rtol=4e-2)
+
+    first_call(96)
+    assert sorted(compiles) == sorted([("_fwd_kernel", "MainThread"), ("_bwd_kernel", "rbf_lite-compile"),
+                                       ("_fwd_kernel", "rbf_lite-compile"), ("_bwd_kernel", "rbf_lite-compile")])
+    compiles.clear()
+    first_call(90)
+    assert compiles == []

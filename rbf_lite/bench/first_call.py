@@ -8,6 +8,11 @@ is timed, then a second call, then a first call at other lengths with the same h
 causality. Each shape runs twice: with Triton's compile cache empty ("cold", a fresh
 TRITON_CACHE_DIR) and with the cache the cold run left ("warm", as in any later session). SDPA's
 first and second calls are measured the same way, in processes of their own.
+
+A first call may leave kernels compiling in the background (for the other length class: see
+rbf_lite/kernels/rbf_attention.py); the next call starts once they are done, as a notebook's next
+cell would seconds later, and `background_s` says how long after the call that took. Each row
+records RBF_LITE_BACKGROUND_COMPILE (set it to compare: "0" compiles everything on first use).
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ def first_calls(impl: str, shape: tuple, dtype: str, lengths: tuple) -> dict:
     """In this (fresh) process: the first and second forward+backward at `shape`, then a first
     call at each of `lengths`. Seconds for first calls, milliseconds for the second."""
     import torch.nn.functional as F
+    from ..kernels.rbf_attention import background_compiles, finish_background_compiles
     from ..rbf import rbf_attention
     b, h, n, d, causal = shape
     if impl == "sdpa":
@@ -48,6 +54,7 @@ def first_calls(impl: str, shape: tuple, dtype: str, lengths: tuple) -> dict:
             return rbf_attention(q, k, v, causal=causal)
 
     def timed(length):
+        """(forward s, forward+backward s, s until the background compiles it started were done)."""
         q, k, v = (torch.randn(b, h, length, d, device="cuda", dtype=DTYPES[dtype], requires_grad=True)
                    for _ in range(3))
         torch.cuda.synchronize()
@@ -57,13 +64,18 @@ def first_calls(impl: str, shape: tuple, dtype: str, lengths: tuple) -> dict:
         forward = time.perf_counter() - start
         out.backward(torch.ones_like(out))
         torch.cuda.synchronize()
-        return forward, time.perf_counter() - start
+        call = time.perf_counter() - start
+        finish_background_compiles()
+        return forward, call, time.perf_counter() - start - call
 
-    first_fwd, first = timed(n)
-    _, second = timed(n)
+    first_fwd, first, background = timed(n)
+    _, second, _ = timed(n)
+    news = [timed(m) for m in lengths]
     row = {"impl": impl, "b": b, "h": h, "n": n, "d": d, "dtype": dtype, "causal": causal,
-           "first_call_s": first, "first_forward_s": first_fwd, "second_call_ms": second * 1e3,
-           "new_lengths": [{"n": m, "first_call_s": timed(m)[1]} for m in lengths]}
+           "background_compile": background_compiles(), "first_call_s": first, "first_forward_s": first_fwd,
+           "background_s": background, "second_call_ms": second * 1e3,
+           "new_lengths": [{"n": m, "first_call_s": call, "background_s": after}
+                           for m, (_, call, after) in zip(lengths, news)]}
     if impl == "rbf_lite":
         from ..kernels.rbf_attention import BWD_TUNER, FWD_TUNER
         row["choices"] = sorted({c["source"] for c in FWD_TUNER.choices() + BWD_TUNER.choices()})
@@ -105,7 +117,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     if not torch.cuda.is_available():
         raise SystemExit("the benchmark needs a CUDA GPU")
     result = {**environment("cuda"), "rows": []}
-    print(f"{'impl':9s} {'cache':5s} {'shape':>20s} {'causal':6s} {'first s':>8s} {'second ms':>9s}  new lengths (s)")
+    print(f"{'impl':9s} {'cache':5s} {'shape':>20s} {'causal':6s} {'first s':>8s} {'bg s':>5s} {'second ms':>9s}"
+          "  new lengths (s, + background s)")
     with tempfile.TemporaryDirectory() as scratch:
         cases = DEFAULT_CASES if args.cases is None else [DEFAULT_CASES[int(i)] for i in args.cases.split(",")]
         for shape, lengths in cases:
@@ -117,9 +130,11 @@ def main(argv: list[str] | None = None) -> dict | None:
             for impl, state, env in runs:
                 row = in_fresh_process(impl, shape, args.dtype, lengths, env) | {"triton_cache": state}
                 result["rows"].append(row)
-                news = " ".join(f"{x['n']}: {x['first_call_s']:.2f}" for x in row["new_lengths"])
+                news = " ".join(f"{x['n']}: {x['first_call_s']:.2f}+{x['background_s']:.1f}"
+                                for x in row["new_lengths"])
                 print(f"{impl:9s} {state:5s} {'x'.join(map(str, shape[:4])):>20s} {shape[4]!s:6s} "
-                      f"{row['first_call_s']:8.2f} {row['second_call_ms']:9.2f}  {news}", flush=True)
+                      f"{row['first_call_s']:8.2f} {row['background_s']:5.1f} {row['second_call_ms']:9.2f}  {news}",
+                      flush=True)
             result["summary"] = summary(result["rows"])
             if args.out:
                 write_json(args.out, result)

@@ -28,11 +28,27 @@ then 0, and dq_i gains the term -2c q_i sum_j dS_ij that softmax's zero-sum dS c
 
 Causal masking with N queries and M keys aligns the queries with the *last* N keys: query i sees
 keys j <= i + (M - N), as when decoding against a KV cache.
+
+First calls: Triton compiles a kernel at its first launch at each specialisation (integer arguments
+such as the lengths by whether 16 divides them, or 1; pointers by alignment), the backward taking
+about 3 s of a 4.6 s first forward+backward on an H100. So a forward that records gradients, on a
+GPU, when its own kernel is about to compile, starts compiling in a background thread the backward
+kernel that its backward will launch, then the forward and backward at a length of the other class
+(divisible by 16 or not, in the same length bucket), which a later length finds compiled. Triton's
+compiler releases the GIL for much of its work, so the compiles overlap. A launch waits for the
+compile of its kernel if one is under way, and raises its error. Not under the interpreter, nor in
+RBF_LITE_AUTOTUNE=full mode (which times, so compiles, every candidate). RBF_LITE_BACKGROUND_COMPILE
+sets it: "1" (the default) as above, "backward" the backward only (which the first backward waits
+for: nothing compiles on after it), "0" nothing. finish_background_compiles() waits for what is under
+way: benchmarks call it before they time anything.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
+import traceback
+from concurrent.futures import Future
 
 import torch
 import triton
@@ -41,6 +57,7 @@ try:
     from triton import knobs
 except ImportError:  # Triton < 3.4: launches go through compiled[grid](...)
     knobs = None
+from triton.runtime import driver
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..rbf import _capability
@@ -122,6 +139,9 @@ class CompiledLauncher:
     it is 0, 1 or beyond int32; each pointer's residue mod 16 and dtype; the constexprs and compile
     options), so a cached kernel is only reused where the JIT would have chosen it too. The first
     call of each key goes through the JIT, which compiles; under the interpreter every call does.
+
+    A kernel can also be compiled ahead of its launch, in a background thread (`ahead`); the launch
+    waits for that compile and raises its error.
     """
 
     def __init__(self, kernel):
@@ -131,6 +151,11 @@ class CompiledLauncher:
         # The compiled launcher takes every argument in signature order: ours end with the constexprs.
         self.direct = not INTERPRETING and all(p.is_constexpr for p in params[len(params) - len(self.constexpr_names):])
         self.compiled: dict[tuple, object] = {}
+        # Per specialisation class (_classes), its compile ahead, done or under way, or _DONE after a launch
+        # through the JIT: what `ahead` need not compile again, and what a first launch waits for.
+        self.classes: dict[tuple, Future] = {}
+        if hasattr(os, "register_at_fork"):  # a forked child has no compiling threads: never wait for one there
+            os.register_at_fork(after_in_child=self.classes.clear)
 
     @staticmethod
     def _specialisation(args) -> tuple:
@@ -140,8 +165,20 @@ class CompiledLauncher:
                       else (a.base.dtype, tuple(a.block_shape)) if isinstance(a, TensorDescriptor)
                       else type(a) for a in args])
 
+    @staticmethod
+    def _classes(args) -> tuple:
+        """What the JIT compiles a kernel per: an integer's value when it is 0, 1 or beyond int32, else
+        whether 16 divides it; a pointer's dtype and whether it is 16-byte aligned. Coarser than
+        _specialisation, so that a compile ahead serves every length of its class."""
+        return tuple([(a if a <= 1 or a >= 2 ** 31 else "D" if a % 16 == 0 else "i") if type(a) is int
+                      else (a.data_ptr() % 16 == 0, a.dtype) if isinstance(a, torch.Tensor)
+                      else (a.base.dtype, tuple(a.block_shape)) if isinstance(a, TensorDescriptor)
+                      else type(a) for a in args])
+
     def __call__(self, grid: tuple, args: tuple, constexprs: dict, num_warps: int = 4, num_stages: int = 3,
-                 maxnreg: int | None = None) -> None:
+                 maxnreg: int | None = None, on_compile=None) -> None:
+        """on_compile: called before a launch through the JIT (the first at its specialisation in this
+        process), while the kernel may still have to compile: to start compiling others alongside."""
         if not self.direct:
             self.kernel[grid](*args, **constexprs, **_options(num_warps, num_stages, maxnreg))
             return
@@ -150,7 +187,15 @@ class CompiledLauncher:
         key = (values, num_warps, num_stages, maxnreg, device, self._specialisation(args))
         compiled = self.compiled.get(key)
         if compiled is None:
+            if on_compile is not None:
+                on_compile()
+            cls = (values, num_warps, num_stages, maxnreg, device, self._classes(args))
+            ahead = self.classes.get(cls)
+            if ahead is not None and ahead.exception() is not None:  # (waits for a compile under way)
+                del self.classes[cls]  # the next launch compiles again, through the JIT
+                raise ahead.exception()
             self.compiled[key] = self.kernel[grid](*args, **constexprs, **_options(num_warps, num_stages, maxnreg))
+            self.classes.setdefault(cls, _DONE)
             return
         grid = tuple(grid) + (1,) * (3 - len(grid))
         if knobs is not None and not _has_hooks(knobs.runtime.launch_enter_hook) \
@@ -160,6 +205,72 @@ class CompiledLauncher:
                          compiled.packed_metadata, None, None, None, *args, *values)
         else:  # a profiler's launch hooks: let Triton call them
             compiled[grid](*args, *values)
+
+    def ahead(self, grid: tuple, args: tuple, constexprs: dict, num_warps: int = 4, num_stages: int = 3,
+              maxnreg: int | None = None):
+        """A job for `compile_in_background`, which fills the JIT's cache as this launch would (`warmup` with
+        the same arguments and options, on the current device); the first launch of its class waits for
+        it. None where the class is compiled or under way, or the JIT does every launch (the interpreter)."""
+        if not self.direct:
+            return None
+        device = torch.cuda.current_device()
+        values = tuple([constexprs[name] for name in self.constexpr_names])
+        cls = (values, num_warps, num_stages, maxnreg, device, self._classes(args))
+        if cls in self.classes:
+            return None
+        driver.active.get_current_target()  # Triton's driver, created once here rather than raced for
+        options = constexprs | _options(num_warps, num_stages, maxnreg)
+        return self.classes, cls, (self.kernel, device, grid, args, options)
+
+
+_DONE = Future()
+_DONE.set_result(None)
+
+
+_THREADS: list[threading.Thread] = []  # compiling in the background, or done since the last start
+
+
+def compile_in_background(jobs: list) -> None:
+    """Run CompiledLauncher.ahead's jobs (None: nothing to compile) in turn in a new thread: Triton's
+    compiler releases the GIL for much of its work, so this thread goes on meanwhile. Each job's class
+    waits for it from when the thread has started, so that no launch waits for a compile that never runs."""
+    jobs = [job for job in jobs if job is not None]
+    if not jobs:
+        return
+    futures = [Future() for _ in jobs]
+    thread = threading.Thread(target=_compile_all, args=([(f, *warmup) for f, (_, _, warmup) in zip(futures, jobs)],),
+                              name="rbf_lite-compile")
+    thread.start()
+    _THREADS[:] = [t for t in _THREADS if t.is_alive()] + [thread]
+    for (classes, cls, _), future in zip(jobs, futures):
+        classes.setdefault(cls, future)
+
+
+def finish_background_compiles() -> None:
+    """Wait for the compiles under way in the background: for benchmarks, which should time nothing
+    while a thread of this process competes for the CPU and the GIL."""
+    for thread in list(_THREADS):
+        thread.join()
+
+
+def _compile_all(work: list) -> None:
+    while work:  # (popped, not iterated: once failed, a compile's frames must hold no job)
+        _compile(*work.pop(0))
+
+
+def _compile(future: Future, kernel, device: int, grid: tuple, args: tuple, options: dict) -> None:
+    """Compile as the launch would, and give the outcome to future. An exception keeps its traceback
+    but not its frames' variables (the kernel's arguments: tensors), which a failed compile that no
+    launch comes for would otherwise keep for good."""
+    try:
+        with torch.cuda.device(device):  # (a thread's current device is its own)
+            kernel.warmup(*args, grid=grid, **options)
+    except BaseException as e:
+        del args
+        traceback.clear_frames(e.__traceback__)
+        future.set_exception(e)
+    else:
+        future.set_result(None)
 
 
 def _options(num_warps: int, num_stages: int, maxnreg: int | None) -> dict:
@@ -639,34 +750,46 @@ def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[3]])
 
 
-def _tuning_key(q, k, causal, normalize, tma):
+def _tuning_key(n_q, n_k, q, causal, normalize, tma):
     """In the order of tuning.KEY_FIELDS (the backward's key adds atomic_dq)."""
-    return (bucket(q.shape[2]), bucket(k.shape[2]), q.shape[3], causal, normalize, tma, q.dtype, q.device)
+    return (bucket(n_q), bucket(n_k), q.shape[3], causal, normalize, tma, q.dtype, q.device)
 
 
-def _forward(q, k, v, causal: bool, scale: float, normalize: bool):
-    """Output; per row the base-2 log-sum-exp (or c||q_i||^2 without normalisation); ||k_j||^2."""
+def _forward(q, k, v, causal: bool, scale: float, normalize: bool, backward: bool = False, ahead=None):
+    """Output; per row the base-2 log-sum-exp (or c||q_i||^2 without normalisation); ||k_j||^2.
+
+    backward: a backward follows (autograd), which a first launch compiles meanwhile (_compile_ahead).
+    ahead: lengths (N, M) at which to compile the kernel, not launch it: returns the job for
+    compile_in_background. The outputs are then meta tensors (the same dtypes and strides, aligned)
+    and the key norms' pre-pass does not run. One function and one call for both, so that a compile
+    ahead specialises the kernel as its launch will.
+    """
     B, H, N, D = q.shape
     M = k.shape[2]
-    out = torch.empty((B, H, N, D), device=q.device, dtype=q.dtype)
-    lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
+    device = q.device
+    if ahead is not None:
+        (N, M), device = ahead, "meta"
+    out = torch.empty((B, H, N, D), device=device, dtype=q.dtype)
+    lse = torch.empty((B, H, N), device=device, dtype=torch.float32)
     tma = _use_tma(M >= LONG_KEYS, k, v)
     # Launch-bound: the kernel computes (and writes) the key norms itself. Not together with TMA, a
     # combination "auto" never makes and that crashed ptxas (Triton 3.6, D = 128) when forced.
     inline_norms = M < LONG_KEYS and not tma
     strides = (*q.stride(), *k.stride(), *v.stride(), *out.stride())
     with _device_of(q):
-        kn = torch.empty((B, H, M), device=q.device, dtype=torch.float32) if inline_norms else rowdot(k, k)
+        kn = torch.empty((B, H, M), device=device, dtype=torch.float32) if inline_norms or ahead is not None \
+            else rowdot(k, k)
 
         def args(meta):
             keys = (_descriptor(k, meta["BLOCK_N"]), _descriptor(v, meta["BLOCK_N"])) if tma else (k, v)
             return (q, *keys, kn, out, lse, *strides, H, N, M, 2.0 * scale * LOG2E, scale * LOG2E)
 
-        FWD_TUNER.launch(_tuning_key(q, k, causal, normalize, tma), q.dtype,
-                         lambda meta: (cdiv(N, meta["BLOCK_M"]), B * H), args,
-                         HEAD_DIM=D, CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype), NORMALIZED=normalize,
-                         TMA=tma, INLINE_NORMS=inline_norms)
-    return out, lse, kn
+        job = (FWD_TUNER.launch if ahead is None else FWD_TUNER.ahead)(
+            _tuning_key(N, M, q, causal, normalize, tma), q.dtype, lambda meta: (cdiv(N, meta["BLOCK_M"]), B * H),
+            args, on_compile=(lambda: _compile_ahead(q, k, v, out, lse, kn, causal, scale, normalize)) if backward
+            else None, HEAD_DIM=D, CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype), NORMALIZED=normalize,
+            TMA=tma, INLINE_NORMS=inline_norms)
+    return (out, lse, kn) if ahead is None else job
 
 
 def _atomic_dq(n_keys: int, head_dim: int, normalize: bool) -> bool:
@@ -679,15 +802,23 @@ def _atomic_dq(n_keys: int, head_dim: int, normalize: bool) -> bool:
     return ATOMIC_DQ == "1" or (ATOMIC_DQ == "auto" and n_keys >= LONG_KEYS and head_dim <= 64)
 
 
-def _backward(dout, q, k, v, out, lse, kn, causal: bool, scale: float, normalize: bool):
+def _backward(dout, q, k, v, out, lse, kn, causal: bool, scale: float, normalize: bool, ahead=None):
     """(dq, dk, dv). The kernel's scores and lse are in base 2, so P = exp2(s2 - lse2) is the true
-    softmax, and dS = P (dP - Delta) is the gradient with respect to the natural-unit score."""
+    softmax, and dS = P (dP - Delta) is the gradient with respect to the natural-unit score.
+
+    ahead: as in _forward. dout is then the forward's output, standing in for a gradient laid out
+    like it (as autograd passes it to most models; another layout compiles when the backward
+    launches), and lse stands in for Delta's buffer (also fp32).
+    """
     B, H, N, D = q.shape
     M = k.shape[2]
+    device = q.device
+    if ahead is not None:
+        (N, M), device = ahead, "meta"
     atomic = _atomic_dq(M, D, normalize)
-    dq = torch.zeros((B, H, N, D), device=q.device, dtype=torch.float32) if atomic else \
-        torch.empty((B, H, N, D), device=q.device, dtype=q.dtype)
-    dk = torch.empty((B, H, M, D), device=q.device, dtype=k.dtype)
+    dq = torch.zeros((B, H, N, D), device=device, dtype=torch.float32) if atomic else \
+        torch.empty((B, H, N, D), device=device, dtype=q.dtype)
+    dk = torch.empty((B, H, M, D), device=device, dtype=k.dtype)
     dv = torch.empty_like(dk)
     tma = _use_tma(max(N, M) >= LONG_KEYS, q, k, v, dout)
     strides = (*q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride(), *dk.stride())
@@ -696,7 +827,8 @@ def _backward(dout, q, k, v, out, lse, kn, causal: bool, scale: float, normalize
     long = max(N, M) >= LONG_KEYS or tma  # (with TMA: see inline_norms in _forward)
     delta_mode = (DELTA_ZERO if not normalize else DELTA_LOAD if long else DELTA_INLINE).value
     with _device_of(q):
-        delta = rowdot(out, dout) if delta_mode == DELTA_LOAD.value else lse  # (lse: a placeholder, never read)
+        # (lse: a placeholder, never read; or, ahead, a stand-in)
+        delta = rowdot(out, dout) if delta_mode == DELTA_LOAD.value and ahead is None else lse
 
         def args(meta):
             if tma:  # the loops' tiles: queries in blocks of BLOCK_M1 (part 1), keys of BLOCK_N2 (part 2)
@@ -711,14 +843,52 @@ def _backward(dout, q, k, v, out, lse, kn, causal: bool, scale: float, normalize
             blocks = cdiv(M, meta["BLOCK_N1"])
             return (blocks if atomic else max(blocks, cdiv(N, meta["BLOCK_M2"])), B * H)
 
-        BWD_TUNER.launch(_tuning_key(q, k, causal, normalize, tma) + (atomic,), q.dtype, grid, args,
-                         reset=dq.zero_ if atomic else None, HEAD_DIM=D, CAUSAL=causal,
-                         DOT_PRECISION=_dot_precision(q.dtype), NORMALIZED=normalize, TMA=tma, ATOMIC_DQ=atomic,
-                         DELTA=delta_mode)
+        job = (BWD_TUNER.launch if ahead is None else BWD_TUNER.ahead)(
+            _tuning_key(N, M, q, causal, normalize, tma) + (atomic,), q.dtype, grid, args,
+            reset=dq.zero_ if atomic else None, HEAD_DIM=D, CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype),
+            NORMALIZED=normalize, TMA=tma, ATOMIC_DQ=atomic, DELTA=delta_mode)
+    if ahead is not None:
+        return job
     if atomic:
         del delta  # freed before the low-precision copy of dq is made: the peak stays at SDPA's
         dq = dq.to(q.dtype)
     return dq, dk, dv
+
+
+def _other_class(n: int) -> int | None:
+    """A length in n's bucket that Triton specialises the other way: divisible by 16 if n is not, and
+    the reverse. None for 1, which Triton makes a constant."""
+    if n == 1:
+        return None
+    return n - 1 if n % 16 == 0 else n + 16 - n % 16
+
+
+def background_compiles() -> str:
+    """RBF_LITE_BACKGROUND_COMPILE (see the module docstring): "1" (unset), "backward" or "0"."""
+    value = os.environ.get("RBF_LITE_BACKGROUND_COMPILE", "1") or "1"
+    if value not in ("1", "backward", "0"):
+        raise ValueError(f"RBF_LITE_BACKGROUND_COMPILE must be 1, backward or 0, got {value!r}")
+    return value
+
+
+def _compile_ahead(q, k, v, out, lse, kn, causal, scale, normalize):
+    """At a forward's first launch at a new specialisation, before it compiles: compile in the background
+    what will follow (_ahead_jobs). See the module docstring."""
+    which = background_compiles()
+    if which != "0" and not INTERPRETING and q.is_cuda:
+        compile_in_background(_ahead_jobs(q, k, v, out, lse, kn, causal, scale, normalize, other_class=which == "1"))
+
+
+def _ahead_jobs(q, k, v, out, lse, kn, causal, scale, normalize, other_class: bool) -> list:
+    """The backward that will follow this forward; with other_class, then the forward and backward at
+    lengths of the other class (_other_class), which a later length in that class finds compiled."""
+    lengths = q.shape[2], k.shape[2]
+    jobs = [_backward(out, q, k, v, out, lse, kn, causal, scale, normalize, ahead=lengths)]
+    other = tuple(map(_other_class, lengths))
+    if other_class and None not in other:
+        jobs += [_forward(q, k, v, causal, scale, normalize, ahead=other),
+                 _backward(out, q, k, v, out, lse, kn, causal, scale, normalize, ahead=other)]
+    return jobs
 
 
 @torch.library.custom_op("rbf_lite::rbf_attention_fwd", mutates_args=())
@@ -771,7 +941,7 @@ class _EagerRBFAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, causal, scale, normalize):
-        out, lse, kn = _forward(q, k, v, causal, scale, normalize)
+        out, lse, kn = _forward(q, k, v, causal, scale, normalize, backward=True)
         ctx.save_for_backward(q, k, v, out, lse, kn)
         ctx.causal, ctx.scale, ctx.normalize = causal, scale, normalize
         return out

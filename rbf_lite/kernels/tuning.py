@@ -229,49 +229,78 @@ class Tuner:
         self.sources: dict[tuple, str] = {}
         self.compiled: dict[tuple, set] = {}  # family -> configurations launched in this process
 
-    def launch(self, key: tuple, dtype: torch.dtype, grid, args, reset=None, **constexprs) -> None:
+    def launch(self, key: tuple, dtype: torch.dtype, grid, args, reset=None, on_compile=None, **constexprs) -> None:
         """grid and args are functions of the configuration's block sizes (TMA descriptors depend on them).
-        A kernel that accumulates into its outputs passes `reset`, which clears them after tuning."""
+        A kernel that accumulates into its outputs passes `reset`, which clears them after tuning.
+        on_compile: see CompiledLauncher.__call__."""
         config = self.chosen.get(key)
         if config is not None:
-            self._run(config, grid, args, constexprs)
+            self._run(config, grid, args, constexprs, on_compile)
             return
-        candidates = [c for c in self.configs if self.fits(c, dtype)] or self.configs[-1:]
         fields = portable_key(key)
-        device = key[KEY_FIELDS.index("device")]
-        if len(candidates) == 1 or mode() == "0" or device.type != "cuda":
-            self._first_launch(key, fields, [candidates[-1] if mode() == "0" else candidates[0]], "only", grid,
-                               args, constexprs)
-            return
-        if COMPILE_SHARE is not None:
-            self._compile_share(key, fields, candidates, grid, args, constexprs)
-            return
-        gpu_name, capability = gpu(device.index)
-        cached = None if RETIME else CACHE.get(gpu_name, self.direction, fields)
-        if cached is None and mode() == "full":
-            cached, finalists = self._choose(candidates, grid, args, constexprs)
-            CACHE.put(gpu_name, self.direction, fields, cached, finalists)
-            if reset is not None:
-                reset()
+        candidates = self._candidates(key, dtype)
+        if len(candidates) > 1:
+            if COMPILE_SHARE is not None:
+                self._compile_share(key, fields, candidates, grid, args, constexprs)
+                return
+            gpu_name = gpu(key[KEY_FIELDS.index("device")].index)[0]
+            if mode() == "full" and (RETIME or CACHE.get(gpu_name, self.direction, fields) is None):
+                best, finalists = self._choose(candidates, grid, args, constexprs)
+                CACHE.put(gpu_name, self.direction, fields, best, finalists)
+                if reset is not None:
+                    reset()
+        self._first_launch(key, fields, *self._plan(key, dtype), grid, args, constexprs, on_compile)
+
+    def _candidates(self, key: tuple, dtype: torch.dtype) -> list[triton.Config]:
+        """The configurations to choose from; only one where there is no choice to make: in mode "0"
+        (the smallest) or off a GPU."""
+        candidates = [c for c in self.configs if self.fits(c, dtype)] or self.configs[-1:]
+        if mode() == "0":
+            return candidates[-1:]
+        return candidates if key[KEY_FIELDS.index("device")].type == "cuda" else candidates[:1]
+
+    def _plan(self, key: tuple, dtype: torch.dtype) -> tuple[list[triton.Config], str]:
+        """The configurations a first launch at `key` tries in turn, and where the first comes from: the
+        cache (after timing, in "full" mode), else the table, else the heuristic."""
+        candidates = self._candidates(key, dtype)
+        if len(candidates) == 1:
+            return candidates, "only"
+        fields = portable_key(key)
+        gpu_name, capability = gpu(key[KEY_FIELDS.index("device")].index)
+        cached = CACHE.get(gpu_name, self.direction, fields)
         if cached is not None:
-            self._first_launch(key, fields, [cached], "cache", grid, args, constexprs)
-            return
+            return [cached], "cache"
         entry = nearest_entry(table_entries(gpu_name, capability, self.direction), fields)
         ordered = []
         if entry is not None:
+            compiled = self.compiled.get(_family(fields), ())
             ordered = [config_from_dict(f["config"]) for f in entry.get("finalists", [])
-                       if f["time"] <= 1 + TOLERANCE and config_from_dict(f["config"]) in self.compiled.get(_family(fields), ())]
+                       if f["time"] <= 1 + TOLERANCE and config_from_dict(f["config"]) in compiled]
             ordered.append(config_from_dict(entry["config"]))
         ordered = [c for c in ordered if self.fits(c, dtype)]
         source = "table" if ordered else "heuristic"
         ordered += [c for c in self.heuristic(int(fields["head_dim"])) if self.fits(c, dtype)] + candidates[-1:]
-        self._first_launch(key, fields, ordered, source, grid, args, constexprs)
+        return ordered, source
 
-    def _first_launch(self, key, fields, ordered, source, grid, args, constexprs) -> None:
+    def ahead(self, key: tuple, dtype: torch.dtype, grid, args, reset=None, on_compile=None, **constexprs):
+        """A compile, for a background thread, of the configuration that `launch` tries first at `key` (see
+        CompiledLauncher.ahead), or None. It takes launch's arguments (reset and on_compile unused), so that
+        a caller passes both the same. None in "full" mode, where a new key is timed (compiling every
+        candidate), and in `python -m rbf_lite.tune`'s compile workers, which compile them all themselves."""
+        if mode() == "full" or COMPILE_SHARE is not None:
+            return None
+        config = self.chosen.get(key)
+        if config is None:
+            config = self._plan(key, dtype)[0][0]
+        meta = config.kwargs
+        return self.launcher.ahead(grid(meta), args(meta), constexprs | meta, config.num_warps, config.num_stages,
+                                   config.maxnreg)
+
+    def _first_launch(self, key, fields, ordered, source, grid, args, constexprs, on_compile=None) -> None:
         """Launch the first configuration of `ordered` that compiles on this GPU, and keep it for `key`."""
         for i, config in enumerate(ordered):
             try:
-                self._run(config, grid, args, constexprs)
+                self._run(config, grid, args, constexprs, on_compile)
             except (OutOfResources, PTXASError):
                 if i == len(ordered) - 1:
                     raise
@@ -294,9 +323,10 @@ class Tuner:
         return [{"key": portable_key(key), "config": config_dict(config), "source": self.sources.get(key, "timed")}
                 for key, config in self.chosen.items()]
 
-    def _run(self, config, grid, args, constexprs):
+    def _run(self, config, grid, args, constexprs, on_compile=None):
         meta = config.kwargs
-        self.launcher(grid(meta), args(meta), constexprs | meta, config.num_warps, config.num_stages, config.maxnreg)
+        self.launcher(grid(meta), args(meta), constexprs | meta, config.num_warps, config.num_stages, config.maxnreg,
+                      on_compile=on_compile)
 
     def _choose(self, candidates, grid, args, constexprs) -> tuple[triton.Config, list[dict]]:
         """Time every candidate: the fastest, and the finalists' times relative to it."""
