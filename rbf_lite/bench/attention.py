@@ -119,6 +119,8 @@ def time_variant(fn, q, k, v, causal, warmup_ms=50, rep_ms=300):
     """(forward ms, forward+backward ms, peak MiB beyond the inputs, back-to-back forward ms,
     back-to-back forward+backward ms) for one implementation."""
     from triton.testing import do_bench
+
+    from ..kernels.rbf_attention import finish_background_compiles
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
     dout = torch.randn_like(q)
 
@@ -130,6 +132,8 @@ def time_variant(fn, q, k, v, causal, warmup_ms=50, rep_ms=300):
         out = fn(qg, kg, vg, causal)
         return torch.autograd.grad(out, (qg, kg, vg), dout)
 
+    fwdbwd()  # compiles; first calls may go on compiling in a thread, which must not share the timing
+    finish_background_compiles()
     fwd_ms = do_bench(fwd, warmup=warmup_ms, rep=rep_ms, return_mode="median")
     fwdbwd_ms = do_bench(fwdbwd, warmup=warmup_ms, rep=rep_ms, return_mode="median")
     fwd_loop_ms, fwdbwd_loop_ms = back_to_back_ms(fwd, rep_ms / 3), back_to_back_ms(fwdbwd, rep_ms / 3)
