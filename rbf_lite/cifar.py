@@ -8,6 +8,10 @@ GPU, fp32 on the CPU; heads always compute in fp32 because squared distances los
 bf16. Both losses share the backbone and its embedding width, which defaults to the number of
 classes: the seed's deliberate handicap (10 dimensions on CIFAR-10).
 
+A class-balanced split of the training set (`--holdout`, 5,000 images, the same for every run) is
+never trained on: it fits the temperature of post-hoc temperature scaling, the calibration baseline
+a practitioner would use (`ece_temperature` in the summary).
+
 The run ends by evaluating accuracy, NLL, ECE and OOD detection on every available OOD set, and
 writes `out/log.jsonl`, `out/summary.json` (with the reliability-diagram data), `out/latents.npz`
 (a sample of the test and OOD embeddings, and HALO's centroids, for the latent-space figure:
@@ -43,6 +47,8 @@ RESUMABLE_CHANGES = ("resume", "overwrite", "device", "compile", "out", "data")
 @dataclass
 class Config:
     loss: str = field(default="halo", metadata={"help": "halo or cce (linear head + cross-entropy)"})
+    halo_variant: str = field(default="published", metadata={
+        "help": "HALO: published (the seed's formulation) or rbf_lite (our derivation, an ablation)"})
     dataset: str = field(default="cifar10", metadata={
         "help": f"one of {sorted(image_data.HUB)} or an open-set split {sorted(image_data.OPEN_SET_SPLITS)}"})
     data: str | None = field(default=None, metadata={"type": str,
@@ -59,9 +65,16 @@ class Config:
                 "one of three 40-epoch runs to NaN"})
     schedule: str = field(default="onecycle", metadata={"help": "onecycle or cosine"})
     warmup: float = field(default=0.15, metadata={"help": "fraction of steps the one-cycle rise takes"})
+    cutout: int = field(default=0, metadata={
+        "help": "side of the square cut out of each training image after crop and flip (0: none)"})
+    holdout: int = field(default=5000, metadata={
+        "help": "training images held out (class-balanced, the same split for every seed) to fit "
+                "the temperature for ece_temperature; never trained on (0: none, no temperature)"})
     width: int = field(default=64, metadata={"help": "ResNet-18 base width (64 is the standard network)"})
     embed_dim: int | None = field(default=None, metadata={"type": int, "help": "embedding width; default: number of classes"})
-    eps: float = field(default=0.1, metadata={"help": "HALO: target mass spread over the negative classes"})
+    eps: float = field(default=0.1, metadata={
+        "help": "HALO: label-smoothing mass (published: target temperature and abstain bias; "
+                "rbf_lite: mass spread over the negatives)"})
     soft_targets: str = field(default="distill", metadata={"help": "HALO: distill (self-distillation) or smooth"})
     learn_gamma: bool = field(default=True, metadata={"help": "HALO: learn the temperature gamma"})
     radial_weight: float = field(default=1.0, metadata={"help": "HALO: weight of the radial (soap-bubble) term"})
@@ -87,6 +100,7 @@ class Config:
 
     def __post_init__(self):
         choices = {"loss": ("halo", "cce"), "schedule": ("onecycle", "cosine"),
+                   "halo_variant": ("published", "rbf_lite"),
                    "soft_targets": ("distill", "smooth"),
                    "dataset": (*image_data.HUB, *image_data.OPEN_SET_SPLITS)}
         for name, allowed in choices.items():
@@ -95,6 +109,9 @@ class Config:
         for name in ("epochs", "batch_size", "width", "eval_batch", "log_every", "latent_points"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("cutout", "holdout"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be at least 0, got {getattr(self, name)}")
         if not (self.lr > 0 and self.head_lr > 0 and self.grad_clip >= 0):
             raise ValueError(f"need lr > 0, head_lr > 0 and grad_clip >= 0, got lr={self.lr}, "
                              f"head_lr={self.head_lr}, grad_clip={self.grad_clip}")
@@ -106,6 +123,13 @@ class Config:
     def ood_sets(self) -> list[str]:
         return [name for name in self.ood.split(",") if name]
 
+    @property
+    def head(self) -> str:
+        """The head's name in results folders: cce, cce_ls (label smoothing), halo, halo_rbf_lite."""
+        if self.loss == "cce":
+            return "cce_ls" if self.label_smoothing > 0 else "cce"
+        return "halo" if self.halo_variant == "published" else "halo_rbf_lite"
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -113,8 +137,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_data(cfg: Config) -> tuple[image_data.ImageSet, image_data.ImageSet, dict, dict]:
-    """Train and test sets, the OOD sets that could be loaded, and why the others could not."""
+def load_data(cfg: Config) -> tuple[image_data.ImageSet, image_data.ImageSet | None, image_data.ImageSet, dict, dict]:
+    """Train, held-out (None without one) and test sets, the OOD sets that could be loaded, and why
+    the others could not."""
     base, known = image_data.OPEN_SET_SPLITS.get(cfg.dataset, (cfg.dataset, None))
     train = image_data.load_dataset(base, "train", cfg.data)
     test = image_data.load_dataset(base, "test", cfg.data)
@@ -140,7 +165,10 @@ def load_data(cfg: Config) -> tuple[image_data.ImageSet, image_data.ImageSet, di
                   "not found (summary.json's ood_skipped says where it looked)"), file=sys.stderr)
     test = test.subset(min(cfg.test_subset or len(test), len(test)), seed=cfg.seed)
     ood = {name: s.subset(min(cfg.test_subset or len(s), len(s)), seed=cfg.seed) for name, s in ood.items()}
-    return train.subset(cfg.subset, seed=cfg.seed), test, ood, skipped
+    held_out = None
+    if cfg.holdout:
+        train, held_out = image_data.holdout_split(train, cfg.holdout)
+    return train.subset(cfg.subset, seed=cfg.seed), held_out, test, ood, skipped
 
 
 class Trainer:
@@ -151,7 +179,7 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         self.on_gpu = self.device.type == "cuda"
         seed_everything(cfg.seed)
-        self.train_set, self.test_set, self.ood_sets, self.ood_skipped = load_data(cfg)
+        self.train_set, self.held_out_set, self.test_set, self.ood_sets, self.ood_skipped = load_data(cfg)
         self.num_classes = len(self.train_set.classes)
         self.images = torch.from_numpy(self.train_set.images).to(self.device)
         self.labels = torch.from_numpy(self.train_set.labels).to(self.device)
@@ -164,7 +192,8 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
         self.backbone = torch.compile(self.model) if cfg.compile else self.model
         if cfg.loss == "halo":
-            self.head = HALOHead(self.num_classes, dim, eps=cfg.eps, soft_targets=cfg.soft_targets,
+            self.head = HALOHead(self.num_classes, dim, variant=cfg.halo_variant, eps=cfg.eps,
+                                 soft_targets=cfg.soft_targets,
                                  learn_gamma=cfg.learn_gamma, radial_weight=cfg.radial_weight).to(self.device)
         else:
             self.head = LinearHead(self.num_classes, dim, cfg.label_smoothing).to(self.device)
@@ -219,7 +248,8 @@ class Trainer:
         bar = progress(range(steps), desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", leave=False, mininterval=1)
         for i in bar:
             index = order[i * self.cfg.batch_size:(i + 1) * self.cfg.batch_size]
-            embeddings = self.embed(image_data.augment(self.images[index], self.mean, self.std))
+            embeddings = self.embed(image_data.augment(self.images[index], self.mean, self.std,
+                                                       cutout=self.cfg.cutout))
             loss, _ = self.training_head(embeddings, self.labels[index], return_logits=False)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -248,22 +278,31 @@ class Trainer:
         return {"train_loss": mean_loss, "seconds": seconds, "images_per_s": seen / seconds, "images": seen}
 
     @torch.no_grad()
-    def predict(self, data: image_data.ImageSet) -> tuple[np.ndarray, np.ndarray]:
-        """Softmax probabilities (K or K + 1 columns) and embeddings, without augmentation."""
+    def logits(self, data: image_data.ImageSet) -> tuple[np.ndarray, np.ndarray]:
+        """fp32 logits (K or K + 1 columns) and embeddings, without augmentation."""
         self.model.eval()
-        probabilities, embeddings = [], []
+        logits, embeddings = [], []
         for start in range(0, len(data), self.cfg.eval_batch):
             batch = torch.from_numpy(data.images[start:start + self.cfg.eval_batch]).to(self.device)
             embedded = self.embed(image_data.normalise(batch, self.mean, self.std))
-            _, logits = self.head(embedded)
-            probabilities.append(logits.softmax(dim=1).cpu())
+            logits.append(self.head(embedded)[1].cpu())
             embeddings.append(embedded.cpu())
-        return torch.cat(probabilities).numpy(), torch.cat(embeddings).numpy()
+        return torch.cat(logits).numpy(), torch.cat(embeddings).numpy()
+
+    def predict(self, data: image_data.ImageSet) -> tuple[np.ndarray, np.ndarray]:
+        """Softmax probabilities (K or K + 1 columns) and embeddings, without augmentation."""
+        logits, embeddings = self.logits(data)
+        return metrics.softmax(logits), embeddings
 
     def evaluate(self, with_ood: bool = True) -> dict:
-        """Test-set metrics; with OOD, detection metrics per set and score, and every embedding."""
-        probs, embeddings = self.predict(self.test_set)
+        """Test-set metrics; with OOD, temperature scaling fitted on the held-out split, detection
+        metrics per set and score, and every embedding."""
+        logits, embeddings = self.logits(self.test_set)
+        probs = metrics.softmax(logits)
         result = metrics.classification(probs, self.test_set.labels, self.head.abstains)
+        if with_ood and self.held_out_set is not None:
+            result.update(metrics.temperature_scaled(logits, self.test_set.labels,
+                                                     self.logits(self.held_out_set)[0], self.held_out_set.labels))
         if with_ood:
             result["reliability"] = {k: v.tolist() for k, v in metrics.reliability(probs, self.test_set.labels).items()}
             in_scores = metrics.ood_scores(probs, self.head.abstains)
@@ -327,15 +366,18 @@ class Trainer:
         result = self.evaluate()
         self.save_latents(result.pop("embeddings"), out / "latents.npz")
         summary = {"config": dataclasses.asdict(self.cfg), **environment(self.device),
+                   "head": self.cfg.head,
                    "dataset": {"name": self.cfg.dataset, "classes": list(self.train_set.classes),
-                               "train_images": len(self.train_set), "test_images": len(self.test_set)},
+                               "train_images": len(self.train_set), "test_images": len(self.test_set),
+                               "held_out_images": len(self.held_out_set) if self.held_out_set else 0},
                    "train_seconds_this_process": time.perf_counter() - started, "epochs": self.epoch,
                    "steps": self.step, **result, "ood_skipped": self.ood_skipped,
                    "ood_sizes": {name: len(data) for name, data in self.ood_sets.items()}}
         if isinstance(self.head, HALOHead):
             summary["gamma"] = self.head.loss.gamma.item()
             summary["abstain_bias"] = self.head.loss.abstain_bias().item()
-        log.write(step=self.step, event="end", **{k: summary[k] for k in ("accuracy", "nll", "ece", "ood")})
+        log.write(step=self.step, event="end", **{k: summary[k] for k in ("accuracy", "nll", "ece", "ece_temperature", "ood")
+                                                  if k in summary})
         write_json(out / "summary.json", summary)
         return summary
 
@@ -358,7 +400,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = parse_args(argv)
     prepare_run_dir(cfg.out, cfg.resume, cfg.overwrite)  # refuse a folder before loading any data
     summary = Trainer(cfg).run()
-    print(f"accuracy {summary['accuracy']:.4f}  nll {summary['nll']:.4f}  ece {summary['ece']:.4f}  "
+    scaled = f"  ece after temperature {summary['ece_temperature']:.4f}" if "ece_temperature" in summary else ""
+    print(f"accuracy {summary['accuracy']:.4f}  nll {summary['nll']:.4f}  ece {summary['ece']:.4f}{scaled}  "
           f"-> {Path(cfg.out) / 'summary.json'}")
     return summary
 

@@ -95,6 +95,48 @@ def test_augment_is_a_shifted_and_possibly_flipped_crop():
     assert 10 < flips < 54  # about half flipped
 
 
+@pytest.mark.parametrize("side", [1, 8, 16])
+def test_cutout_blanks_one_square_of_the_crop(side):
+    """With the same generator state the crop is the same, so every change cutout makes is the
+    square: zeros on a side x side square (clipped at the edges), centred inside the image."""
+    images = torch.randint(1, 256, (32, 32, 32, 3), dtype=torch.uint8)  # no pixel is black
+    mean, std = torch.zeros(3), torch.ones(3)
+    torch.manual_seed(1)
+    plain = image_data.augment(images, mean, std)
+    torch.manual_seed(1)
+    cut = image_data.augment(images, mean, std, cutout=side)
+    for b in range(32):
+        blank = (cut[b] != plain[b]).any(0)
+        assert torch.equal(cut[b][:, blank], torch.zeros_like(cut[b][:, blank]))
+        assert torch.equal(cut[b][:, ~blank], plain[b][:, ~blank])
+        # cropping pads with black: the square is judged where the crop has content
+        rows, cols = blank.any(1).nonzero().flatten(), blank.any(0).nonzero().flatten()
+        if len(rows):
+            assert rows.max() - rows.min() < side and cols.max() - cols.min() < side
+            content = (plain[b] != 0).any(0)
+            assert torch.equal(blank, content & (torch.arange(32)[:, None] >= rows.min()) & (torch.arange(32)[:, None] <= rows.max())
+                               & (torch.arange(32)[None] >= cols.min()) & (torch.arange(32)[None] <= cols.max()))
+    assert sum(bool((cut[b] != plain[b]).any()) for b in range(32)) > 16
+
+
+def test_holdout_split_is_class_balanced_disjoint_and_fixed():
+    rng = np.random.default_rng()
+    labels = rng.integers(0, 4, 400)
+    data = image_data.ImageSet(rng.integers(0, 256, (400, 32, 32, 3), dtype=np.uint8), labels,
+                               ("a", "b", "c", "d"), "toy")
+    data.images[:, 0, 0, 0] = np.arange(400) % 256  # identify each image by two pixels
+    data.images[:, 0, 0, 1] = np.arange(400) // 256
+    rest, held = image_data.holdout_split(data, 40)
+    assert len(rest) == 360 and len(held) == 40
+    assert np.bincount(held.labels, minlength=4).tolist() == [10] * 4
+    ids = lambda s: set((s.images[:, 0, 0, 0].astype(int) + 256 * s.images[:, 0, 0, 1].astype(int)).tolist())
+    assert ids(rest) | ids(held) == set(range(400)) and not ids(rest) & ids(held)
+    again, _ = image_data.holdout_split(data, 40)
+    assert ids(again) == ids(rest)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        image_data.holdout_split(data, 42)
+
+
 def test_resnet_shapes():
     model = ResNet18(embed_dim=10, width=4)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
@@ -129,8 +171,10 @@ def test_cli_writes_summary_and_resumes_exactly(cifar10_test, tmp_path):
     with pytest.raises(FileExistsError, match="--overwrite"):
         cifar.main(flags + ["--out", str(tmp_path / "straight")])
     stored = json.loads((tmp_path / "straight" / "summary.json").read_text())
-    for key in ("config", "device", "torch", "commit", "command", "accuracy", "nll", "ece"):
+    for key in ("config", "device", "torch", "commit", "command", "accuracy", "nll", "ece", "ece_known",
+                "temperature", "nll_temperature", "ece_temperature"):
         assert key in stored
+    assert stored["head"] == "halo" and stored["dataset"]["held_out_images"] == 5000
     assert set(stored["ood"]) == {"mnist", "uniform-noise"}
     for scores in stored["ood"].values():
         assert set(scores) == {"max_known", "not_abstain"}
@@ -150,7 +194,7 @@ def test_cli_writes_summary_and_resumes_exactly(cifar10_test, tmp_path):
     interrupted.train_epoch()
     interrupted.save()
     resumed = cifar.main(flags + ["--out", str(tmp_path / "resumed"), "--resume"])
-    for key in ("accuracy", "nll", "ece", "ood", "gamma"):
+    for key in ("accuracy", "nll", "ece", "ece_temperature", "ood", "gamma"):
         assert resumed[key] == straight[key], key
 
     with pytest.raises(ValueError, match="lr"):
@@ -173,6 +217,17 @@ def test_bad_configuration(tmp_path):
         cifar.Config(grad_clip=-1.0)
     with pytest.raises(ValueError, match="unknown OOD sets"):
         cifar.Config(ood="mnist,imagenet-o")
+    with pytest.raises(ValueError, match="halo_variant must be one of"):
+        cifar.Config(halo_variant="seed")
+    for name in ("cutout", "holdout"):
+        with pytest.raises(ValueError, match=f"{name} must be at least 0"):
+            cifar.Config(**{name: -1})
+
+
+@pytest.mark.parametrize("settings, head", [({"loss": "cce"}, "cce"), ({"loss": "cce", "label_smoothing": 0.1}, "cce_ls"),
+                                            ({}, "halo"), ({"halo_variant": "rbf_lite"}, "halo_rbf_lite")])
+def test_head_names(settings, head):
+    assert cifar.Config(**settings).head == head
 
 
 # ---------------------------------------------------------------------------- offline, run folders
@@ -241,7 +296,8 @@ def test_offline_hub_sets_are_skipped_at_once_with_a_note(tmp_path, monkeypatch,
     monkeypatch.setattr(image_data, "load_dataset",
                         lambda name, split, path=None: (fake_cifar10 if name == "cifar10" else real_load)(name, split, path))
 
-    _, _, ood, skipped = cifar.load_data(tiny_config(tmp_path, subset=None, ood="svhn,cifar100,uniform-noise"))
+    _, _, _, ood, skipped = cifar.load_data(tiny_config(tmp_path, subset=None, holdout=20,
+                                                       ood="svhn,cifar100,uniform-noise"))
     assert hub_calls == []
     assert set(ood) == {"uniform-noise"} and set(skipped) == {"svhn", "cifar100"}
     assert "the hub is unreachable (test)" in skipped["svhn"]
@@ -277,7 +333,8 @@ def test_overwrite_starts_from_an_empty_folder(tmp_path, monkeypatch):
 def test_the_trainer_refuses_a_folder_with_a_run_too(tmp_path, monkeypatch):
     """`Trainer.run` guards the folder itself, for callers that do not go through the CLI."""
     monkeypatch.setattr(image_data, "load_dataset", fake_cifar10)
-    trainer = cifar.Trainer(tiny_config(tmp_path, width=4, subset=None, test_subset=None, ood="", epochs=1))
+    trainer = cifar.Trainer(tiny_config(tmp_path, width=4, subset=None, test_subset=None, ood="", epochs=1,
+                                        holdout=0))
     (tmp_path / "log.jsonl").write_text("old\n")
     with pytest.raises(FileExistsError, match="log.jsonl"):
         trainer.run()

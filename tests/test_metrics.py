@@ -141,3 +141,52 @@ def test_paired_difference_is_the_mean_difference_with_a_t_interval():
         metrics.paired_difference([1.0], [2.0])
     with pytest.raises(ValueError, match="one length"):
         metrics.paired_difference([1.0, 2.0], [1.0])
+
+
+def test_fitted_temperature_minimises_the_nll():
+    """Against torch's L-BFGS on the same objective, on fresh logits over- or under-confident."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng()
+    labels = rng.integers(0, 10, 2000)
+    logits = rng.normal(size=(2000, 11))
+    logits[np.arange(2000), labels] += rng.uniform(0.5, 3)
+    logits *= rng.uniform(0.3, 5)
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimiser = torch.optim.LBFGS([log_t], max_iter=500, line_search_fn="strong_wolfe",
+                                  tolerance_grad=1e-12, tolerance_change=1e-15)
+
+    def closure():
+        optimiser.zero_grad()
+        loss = torch.nn.functional.cross_entropy(torch.tensor(logits) / log_t.exp(), torch.tensor(labels))
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    assert metrics.fit_temperature(logits, labels) == pytest.approx(log_t.exp().item(), rel=1e-5)
+
+
+def test_temperature_scaling_applies_the_held_out_temperature():
+    rng = np.random.default_rng()
+    held_labels, labels = rng.integers(0, 5, 800), rng.integers(0, 5, 300)
+    held = rng.normal(size=(800, 5)) + 3 * np.eye(5)[held_labels]
+    test = rng.normal(size=(300, 5)) + 3 * np.eye(5)[labels]
+    scaled = metrics.temperature_scaled(test, labels, held, held_labels)
+    probs = metrics.softmax(test / metrics.fit_temperature(held, held_labels))
+    assert scaled["ece_temperature"] == pytest.approx(metrics.ece(probs, labels))
+    assert scaled["nll_temperature"] == pytest.approx(metrics.nll(probs, labels))
+
+
+def test_uninformative_logits_want_an_infinite_temperature():
+    rng = np.random.default_rng()
+    with pytest.warns(UserWarning, match="bound"):
+        assert metrics.fit_temperature(rng.normal(size=(500, 4)), rng.integers(0, 4, 500)) > 999
+
+
+def test_ece_known_renormalises_the_known_columns():
+    probs = np.array([[0.4, 0.1, 0.5], [0.1, 0.3, 0.6]])  # K = 2 known columns, abstain last
+    labels = np.array([0, 0])
+    known = np.array([[0.8, 0.2], [0.25, 0.75]])
+    assert metrics.ece_known(probs, labels) == pytest.approx(metrics.ece(known, labels))
+    result = metrics.classification(probs, labels, abstains=True)
+    assert result["ece_known"] == pytest.approx(metrics.ece(known, labels))
+    assert metrics.classification(known, labels, abstains=False)["ece_known"] == metrics.ece(known, labels)

@@ -1,5 +1,7 @@
 """The results chapters' tables and figures, built from the committed results/ folder."""
+import dataclasses
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +50,7 @@ def test_qk_norms_come_from_the_last_evaluation():
 
 def test_cifar_comparison_puts_our_means_beside_the_seeds_numbers():
     cifar10, openset = report.cifar_summaries("cifar10", RESULTS), report.cifar_summaries("cifar10-openset", RESULTS)
-    table = report.cifar_comparison(cifar10, openset)
+    table = report.cifar_comparison(cifar10, openset, halo="halo_rbf_lite")  # these runs predate "published"
     assert table.loc["accuracy", "seed: HALO"] == "96.53%"
     halo = [s["accuracy"] for s in cifar10 if s["config"]["loss"] == "halo"]
     assert table.loc["accuracy", "ours: HALO"].startswith(f"{100 * np.mean(halo):.2f} ± ")
@@ -65,6 +67,28 @@ def test_pooled_reliability_adds_counts_and_weights_accuracy():
     assert ece == pytest.approx(np.mean([s["ece"] for s in group]), abs=5e-3)
 
 
+def test_seed_regime_comparison_puts_each_heads_mean_beside_the_seeds():
+    runs = report.cifar_summaries("cifar10-long", RESULTS)
+    table = report.seed_regime_comparison(runs)
+    assert table.loc["ECE", "seed: HALO"] == "0.0151" and table.loc["NLL", "seed: HALO"] == "-"
+    for head in ("cce", "cce_ls", "halo"):
+        group = [s for s in runs if s["head"] == head]
+        assert len(group) == 3
+        column = report.HEAD_NAMES[head]
+        assert table.loc["ECE after temperature", column].startswith(
+            f"{np.mean([s['ece_temperature'] for s in group]):.4f} ± ")
+        score = report.MAIN_SCORE[head]
+        assert table.loc["far-OOD FPR@95", column].startswith(
+            f"{100 * np.mean([s['ood']['fashion-mnist'][score]['fpr95'] for s in group]):.2f} ± ")
+
+
+def test_head_of_reads_legacy_summaries():
+    assert report.head_of({"config": {"loss": "halo"}}) == "halo_rbf_lite"
+    assert report.head_of({"config": {"loss": "cce", "label_smoothing": 0.1}}) == "cce_ls"
+    assert report.head_of({"config": {"loss": "halo", "halo_variant": "published"}}) == "halo"
+    assert report.head_of({"head": "cce", "config": {"loss": "cce"}}) == "cce"
+
+
 def test_pca_basis_projects_like_pca():
     x = np.random.default_rng(0).normal(size=(50, 6)) * np.arange(1, 7)
     projected, ratio = metrics.pca(x, 2)
@@ -75,7 +99,8 @@ def test_pca_basis_projects_like_pca():
 def test_write_all_regenerates_every_table_and_figure(tmp_path):
     written = {p.name for p in report.write_all(RESULTS, tmp_path)}
     for name in ("tinystories_table.md", "tinystories_qk_norms.html", "tinystories_attention.html",
-                 "cifar10_comparison.md", "cifar10_reliability.html", "cifar10_latents_halo.html",
+                 "cifar10_comparison.md", "cifar10_reliability.html", "cifar10_latents_halo_rbf_lite.html",
+                 "cifar10_long_comparison.md", "cifar10_long_reliability.html", "cifar10_recipe.md",
                  "cifar10_openset_detection.md", "cifar10_sweep.md", "kernel_ratios_causal.html",
                  "kernel_ratios_fwdbwd_noncausal.md", "kernel_targets.md", "kernel_decode.md", "lm_step.md"):
         assert name in written
@@ -266,3 +291,28 @@ def test_the_committed_seed_runs_are_complete_pairs():
     for run in runs:
         assert run["summary"]["preset"]["overrides"] == {} and len(run["log"]["val_step"]) >= 20
         assert run["summary"]["config"]["layout"] == "stories" and run["summary"]["completed"]
+
+
+def test_cifar_commands_repeat_the_recorded_runs():
+    """Parsed back, a committed run's command gives exactly its recorded configuration."""
+    from rbf_lite import cifar
+    for experiment in ("cifar10", "cifar10-long"):
+        for run in report.cifar_summaries(experiment):
+            command = report.cifar_command(run, f"{experiment}/{run['run']}/summary.json")
+            args = shlex.split(command.replace("$RBF_LITE_DATA", "data"))[3:]
+            parsed = dataclasses.asdict(cifar.parse_args(args))
+            ignored = {"out", "data", "resume", "overwrite", "device", "compile"}
+            if run["config"]["loss"] == "cce":
+                ignored.add("halo_variant")  # a linear head has no HALO variant
+            recorded = {**{"halo_variant": "rbf_lite", "holdout": 0, "cutout": 0}, **run["config"]}
+            assert {k: v for k, v in parsed.items() if k not in ignored} == \
+                   {k: v for k, v in recorded.items() if k not in ignored}, command
+
+
+def test_recipe_table_refuses_runs_of_different_lengths():
+    runs = report.cifar_summaries("cifar10-recipe", RESULTS)
+    table = report.recipe_table(runs)
+    assert len(table) == len(runs) and table["accuracy"].max() == max(s["accuracy"] for s in runs)
+    longer = {**runs[0], "config": {**runs[0]["config"], "epochs": 200}}
+    with pytest.raises(ValueError, match="differ in epochs"):
+        report.recipe_table([longer, *runs[1:]])

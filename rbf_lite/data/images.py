@@ -263,6 +263,28 @@ def open_set(data: ImageSet, known: tuple[str, ...]) -> tuple[ImageSet, ImageSet
                      f"{data.name}-held-out({','.join(held_out)})"))
 
 
+def holdout_split(data: ImageSet, size: int, seed: int = 0) -> tuple[ImageSet, ImageSet]:
+    """(the rest, `size` held-out images), class-balanced: size / classes images of each class,
+    drawn with `seed`. With a fixed seed every run holds out the same images, so the heads and
+    seeds it compares fit their temperatures on one split."""
+    classes = len(data.classes)
+    if size % classes or not 0 < size < len(data):
+        raise ValueError(f"{data.name}: the held-out split must be a multiple of {classes} classes "
+                         f"in [1, {len(data)}), got {size}")
+    rng = np.random.default_rng(seed)
+    held = []
+    for label in range(classes):
+        members = np.flatnonzero(data.labels == label)
+        if len(members) <= size // classes:
+            raise ValueError(f"{data.name}: class {data.classes[label]!r} has {len(members)} images, "
+                             f"too few to hold out {size // classes}")
+        held.append(rng.choice(members, size // classes, replace=False))
+    held = np.sort(np.concatenate(held))
+    rest = np.setdiff1d(np.arange(len(data)), held)
+    return (ImageSet(data.images[rest], data.labels[rest], data.classes, data.name),
+            ImageSet(data.images[held], data.labels[held], data.classes, f"{data.name}-held-out-split"))
+
+
 # ---------------------------------------------------------------------------- on the GPU
 def channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and standard deviation (in [0, 1] units) of uint8 NHWC images."""
@@ -275,11 +297,14 @@ def normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
     return ((images.float() / 255 - mean) / std).permute(0, 3, 1, 2)
 
 
-def augment(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, pad: int = 4) -> torch.Tensor:
-    """Random crop from a zero-padded image plus horizontal flip, as one gather, then normalise.
+def augment(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, pad: int = 4,
+            cutout: int = 0) -> torch.Tensor:
+    """Random crop from a zero-padded image plus horizontal flip, as one gather, then normalise;
+    `cutout` > 0 then sets a cutout x cutout square (centred anywhere in the image, clipped at
+    its edges) to 0, the mean colour after normalisation (DeVries & Taylor, 2017).
 
-    Each image gets its own offset and flip, drawn from the device's global generator, so a
-    checkpoint's RNG state replays the same augmentations on resume.
+    Each image gets its own offset, flip and square, drawn from the device's global generator, so
+    a checkpoint's RNG state replays the same augmentations on resume.
     """
     batch, height, width, _ = images.shape
     padded = F.pad(images, (0, 0, pad, pad, pad, pad))
@@ -290,4 +315,14 @@ def augment(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, pad: in
     rows = dy + torch.arange(height, device=images.device)
     cols = dx + torch.where(flip, width - 1 - columns, columns)
     cropped = padded[torch.arange(batch, device=images.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
-    return normalise(cropped, mean, std)
+    normalised = normalise(cropped, mean, std)
+    if cutout <= 0:
+        return normalised
+    centre_y = torch.randint(0, height, (batch, 1), device=images.device)
+    centre_x = torch.randint(0, width, (batch, 1), device=images.device)
+    low, high = cutout // 2, cutout - cutout // 2  # the square spans [centre - low, centre + high)
+    inside_y = ((torch.arange(height, device=images.device) >= centre_y - low)
+                & (torch.arange(height, device=images.device) < centre_y + high))
+    inside_x = ((columns >= centre_x - low) & (columns < centre_x + high))
+    keep = ~(inside_y[:, :, None] & inside_x[:, None, :])
+    return normalised * keep[:, None].to(normalised.dtype)

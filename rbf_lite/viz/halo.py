@@ -18,7 +18,8 @@ from .. import metrics
 from ..halo import HALOLoss, LinearHead
 
 ABSTAIN = "#7f7f7f"
-HEAD_NAMES = {"cce": "linear head", "halo": "HALO"}
+HEAD_NAMES = {"cce": "linear head", "cce_ls": "linear head + label smoothing", "halo": "HALO",
+              "halo_rbf_lite": "HALO (rbf_lite ablation)"}
 SCORE_NAMES = {"msp": "MSP", "max_known": "max-known", "not_abstain": "1 − p(abstain)"}  # OOD scores
 
 
@@ -39,13 +40,13 @@ def scaled_losses(scales, num_classes: int = 3, dim: int = 3, seed: int = 0) -> 
 
     Linear head: weights = the class means, zero bias, plain cross-entropy. HALO: centroids at the
     class means, gamma = 1, its full loss (soft targets + radial term) and, separately, its cross-entropy
-    part alone (radial_weight = 0).
+    part alone (radial_weight = 0). HALO is the rbf_lite variant, whose gamma starts at 1.
     """
     x, y = toy_embeddings(num_classes, dim, seed=seed)
     means = torch.stack([x[y == k].mean(0) for k in range(num_classes)])
     linear = LinearHead(num_classes, dim)
-    halo = HALOLoss(num_classes, dim, learn_gamma=False)
-    halo_ce = HALOLoss(num_classes, dim, learn_gamma=False, radial_weight=0.0)
+    halo = HALOLoss(num_classes, dim, variant="rbf_lite", learn_gamma=False)
+    halo_ce = HALOLoss(num_classes, dim, variant="rbf_lite", learn_gamma=False, radial_weight=0.0)
     out = {"s": list(scales), "linear": [], "halo": [], "halo_ce": []}
     with torch.no_grad():
         linear.linear.weight.copy_(means)
@@ -87,17 +88,18 @@ def confidence_maps(gamma: float, radius: float = 3.0, extent: float = 7.0, n: i
 
     HALO: `HALOLoss.logits` (K distance logits and the abstain column). Linear head: a `LinearHead`
     given HALO's shifted known logits as weights and bias, W_k = 2 gamma c_k / D, b_k = -gamma ||c_k||^2 / D,
-    so the two heads differ only by the abstain column.
+    so the two heads differ only by the abstain column. HALO is the rbf_lite variant, whose abstain
+    bias follows gamma (the geometry chapter's derivation).
     """
     centroids = plane_centroids(radius, num_classes, dim)
-    loss = HALOLoss(num_classes, dim, eps=eps, learn_gamma=False)
+    loss = HALOLoss(num_classes, dim, variant="rbf_lite", eps=eps, learn_gamma=False)
     linear = LinearHead(num_classes, dim)
     axis = torch.linspace(-extent, extent, n)
     gx, gy = torch.meshgrid(axis, axis, indexing="xy")
     points = torch.zeros(n * n, dim)
     points[:, 0], points[:, 1] = gx.reshape(-1), gy.reshape(-1)
+    loss.set_gamma(gamma)
     with torch.no_grad():
-        loss.log_gamma.fill_(math.log(gamma))
         linear.linear.weight.copy_(2 * gamma * centroids / dim)
         linear.linear.bias.copy_(-gamma * centroids.square().sum(1) / dim)
         p_halo = loss.logits(points, centroids).softmax(1).reshape(n, n, -1)

@@ -29,7 +29,7 @@ from .halo import ABSTAIN, HEAD_NAMES, SCORE_NAMES, SEED_CLAIMS, reliability_fig
 from .training import attention_map_grid, lm_step_table, recorded_loss_figure, recorded_runs, variant_color
 
 VARIANT_ORDER = ("sdpa+rope", "sdpa_qknorm+rope", "rbf+susie", "rbf+rope")
-MAIN_SCORE = {"cce": "msp", "halo": "not_abstain"}  # each head's own OOD score
+MAIN_SCORE = {"cce": "msp", "cce_ls": "msp", "halo": "not_abstain", "halo_rbf_lite": "not_abstain"}  # each head's own OOD score
 TINYSTORIES, SWEEP = "tinystories", "cifar10-sweep"
 # Loaders that read a results folder fixed inside them, so that a chapter's call names no folder;
 # `chapters_loading` credits each call of one of them with its folder.
@@ -104,8 +104,19 @@ def _by_variant(runs: Sequence[dict]) -> dict[str, list[dict]]:
     return _grouped(runs, lambda run: run["variant"])
 
 
-def _by_loss(summaries: Sequence[dict]) -> dict[str, list[dict]]:
-    return _grouped(summaries, lambda s: s["config"]["loss"])
+def head_of(summary: dict) -> str:
+    """A CIFAR run's head (`rbf_lite.cifar.Config.head`). Summaries written before the published
+    HALO became the default have no "head": their HALO is the rbf_lite derivation."""
+    if "head" in summary:
+        return summary["head"]
+    config = summary["config"]
+    if config["loss"] == "cce":
+        return "cce_ls" if config.get("label_smoothing", 0) > 0 else "cce"
+    return "halo" if config.get("halo_variant") == "published" else "halo_rbf_lite"
+
+
+def _by_head(summaries: Sequence[dict]) -> dict[str, list[dict]]:
+    return _grouped(summaries, head_of)
 
 
 def tinystories_table(runs: Sequence[dict]) -> pd.DataFrame:
@@ -221,11 +232,15 @@ def cifar_table(summaries: Sequence[dict]) -> pd.DataFrame:
     """Per head: seeds, epochs, accuracy, NLL, ECE, abstain rate, and per OOD set the AUROC and
     FPR@95 of the head's own score (MSP for the linear head, 1 - p(abstain) for HALO)."""
     rows = []
-    for loss, group in _by_loss(summaries).items():
+    for loss, group in _by_head(summaries).items():
         row = {"head": HEAD_NAMES.get(loss, loss), "seeds": len(group), "epochs": group[0]["epochs"],
                "accuracy": pm((s["accuracy"] for s in group), 2, True), "NLL": pm(s["nll"] for s in group),
-               "ECE": pm((s["ece"] for s in group), 4),
-               "abstain rate": pm((s.get("abstain_rate") for s in group), 2, True)}
+               "ECE": pm((s["ece"] for s in group), 4)}
+        if "ece_temperature" in group[0]:
+            row.update({"ECE, known classes": pm((s["ece_known"] for s in group), 4),
+                        "ECE after temperature": pm((s["ece_temperature"] for s in group), 4),
+                        "temperature": pm(s["temperature"] for s in group)})
+        row["abstain rate"] = pm((s.get("abstain_rate") for s in group), 2, True)
         for name in group[0]["ood"]:
             score = MAIN_SCORE[loss]
             row[f"{name} AUROC"] = pm((s["ood"][name][score]["auroc"] for s in group), 2, True)
@@ -237,7 +252,7 @@ def cifar_table(summaries: Sequence[dict]) -> pd.DataFrame:
 def detection_table(summaries: Sequence[dict]) -> pd.DataFrame:
     """Every OOD set and every score of every head: AUROC, FPR@95 and AUPR, mean ± std over seeds."""
     rows = []
-    for loss, group in _by_loss(summaries).items():
+    for loss, group in _by_head(summaries).items():
         for name, scores in group[0]["ood"].items():
             for score in scores:
                 rows.append({"head": HEAD_NAMES.get(loss, loss), "OOD set": name,
@@ -247,10 +262,12 @@ def detection_table(summaries: Sequence[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index(["head", "OOD set", "score"])
 
 
-def cifar_comparison(cifar10: Sequence[dict], openset: Sequence[dict]) -> pd.DataFrame:
-    """The seed's CIFAR-10 numbers beside ours. SVHN and CIFAR-100 are not available offline: far-OOD
-    stands in with Fashion-MNIST and MNIST, near-OOD with the held-out classes of the open-set split."""
-    ours, near = _by_loss(cifar10), _by_loss(openset)
+def cifar_comparison(cifar10: Sequence[dict], openset: Sequence[dict], linear: str = "cce",
+                     halo: str = "halo") -> pd.DataFrame:
+    """The seed's CIFAR-10 numbers beside ours, for the heads `linear` and `halo`. SVHN and CIFAR-100
+    are not available offline: far-OOD stands in with Fashion-MNIST, near-OOD with the held-out
+    classes of the open-set split."""
+    ours, near = _by_head(cifar10), _by_head(openset)
     held_out = next(iter(openset[0]["ood"])) if openset else None
 
     def ood(groups, loss, name, key):
@@ -269,10 +286,57 @@ def cifar_comparison(cifar10: Sequence[dict], openset: Sequence[dict]) -> pd.Dat
     ours_set = {"accuracy": "CIFAR-10 test (JPEG)", "ECE": "CIFAR-10 test (JPEG)",
                 "SVHN AUROC": "Fashion-MNIST", "SVHN FPR@95": "Fashion-MNIST",
                 "CIFAR-100 AUROC": f"{held_out} (open-set)", "CIFAR-100 FPR@95": f"{held_out} (open-set)"}
-    rows = [{"metric": metric, "seed: cross-entropy": ce, "seed: HALO": halo,
-             "ours: cross-entropy": measured[metric]("cce"), "ours: HALO": measured[metric]("halo"),
-             "our set": ours_set[metric]} for metric, ce, halo in SEED_CLAIMS]
+    rows = [{"metric": metric, "seed: cross-entropy": seed_ce, "seed: HALO": seed_halo,
+             "ours: cross-entropy": measured[metric](linear), "ours: HALO": measured[metric](halo),
+             "our set": ours_set[metric]} for metric, seed_ce, seed_halo in SEED_CLAIMS]
     return pd.DataFrame(rows).set_index("metric")
+
+
+def seed_regime_comparison(runs: Sequence[dict], heads: Sequence[str] = ("cce", "cce_ls", "halo")) -> pd.DataFrame:
+    """Every head of the long runs, mean ± std over seeds, beside the seed's numbers (its
+    cross-entropy baseline used label smoothing). Rows the seed reports on sets we do not have
+    (SVHN) are compared on our far-OOD stand-in, Fashion-MNIST; the seed has no number for the
+    other rows."""
+    groups = _by_head(runs)
+    seed = {metric: (ce, halo) for metric, ce, halo in SEED_CLAIMS}
+
+    def ood(name, key):
+        return lambda group, head: pm((s["ood"][name][MAIN_SCORE[head]][key] for s in group), 2, True)
+
+    rows = [("accuracy", "accuracy", lambda g, h: pm((s["accuracy"] for s in g), 2, True)),
+            ("NLL", None, lambda g, h: pm(s["nll"] for s in g)),
+            ("ECE", "ECE", lambda g, h: pm((s["ece"] for s in g), 4)),
+            ("ECE, known classes", None, lambda g, h: pm((s["ece_known"] for s in g), 4)),
+            ("ECE after temperature", None, lambda g, h: pm((s["ece_temperature"] for s in g), 4)),
+            ("temperature", None, lambda g, h: pm(s["temperature"] for s in g)),
+            ("far-OOD AUROC", "SVHN AUROC", ood("fashion-mnist", "auroc")),
+            ("far-OOD FPR@95", "SVHN FPR@95", ood("fashion-mnist", "fpr95")),
+            ("MNIST AUROC", None, ood("mnist", "auroc")),
+            ("uniform noise AUROC", None, ood("uniform-noise", "auroc")),
+            ("Gaussian noise AUROC", None, ood("gaussian-noise", "auroc"))]
+    table = []
+    for label, seed_key, measure in rows:
+        ce, halo = seed.get(seed_key, ("-", "-"))
+        row = {"metric": label, "seed: CE + smoothing": ce, "seed: HALO": halo}
+        row.update({HEAD_NAMES[h]: measure(groups[h], h) if h in groups else "-" for h in heads})
+        table.append(row)
+    return pd.DataFrame(table).set_index("metric")
+
+
+def recipe_table(runs: Sequence[dict]) -> pd.DataFrame:
+    """The recipe search: one cross-entropy run per setting, the settings that varied and what each
+    measured, from no cutout to cutout and then by batch, learning rate and weight decay. Every run
+    of the search shares its epochs and training images (checked)."""
+    for key, value in (("epochs", lambda s: s["config"]["epochs"]),
+                       ("training images", lambda s: s["dataset"]["train_images"])):
+        if len({value(s) for s in runs}) > 1:
+            raise ValueError(f"the recipe runs differ in {key}; this table assumes one value")
+    rows = [{"batch": s["config"]["batch_size"], "peak lr": s["config"]["lr"],
+             "weight decay": s["config"]["weight_decay"], "cutout": s["config"].get("cutout", 0),
+             "accuracy": s["accuracy"], "ECE": s["ece"], "ECE after T": s["ece_temperature"]} for s in runs]
+    frame = pd.DataFrame(rows)
+    order = frame.assign(minus_batch=-frame["batch"]).sort_values(["cutout", "minus_batch", "peak lr", "weight decay"]).index
+    return frame.loc[order].reset_index(drop=True)
 
 
 def pooled_reliability(group: Sequence[dict]) -> dict[str, np.ndarray]:
@@ -289,7 +353,7 @@ def pooled_reliability(group: Sequence[dict]) -> dict[str, np.ndarray]:
 def recorded_reliability(summaries: Sequence[dict]) -> go.Figure:
     """Reliability diagrams of the recorded runs, each head's seeds pooled."""
     panels = []
-    for loss, group in _by_loss(summaries).items():
+    for loss, group in _by_head(summaries).items():
         panels.append((HEAD_NAMES.get(loss, loss), pooled_reliability(group),
                        f"ECE {pm((s['ece'] for s in group), 4)}"))
     return reliability_figure(panels)
@@ -369,6 +433,28 @@ def relative_command(command: str, file: str) -> str:
             if "data" in parts:
                 args[i + 1] = "/".join(("$RBF_LITE_DATA", *parts[parts.index("data") + 1:]))
     return " ".join(map(_shell_word, args))
+
+
+# Options a CIFAR summary written before they existed ran without: its command needs them today.
+CIFAR_LEGACY_OPTIONS = {"halo_variant": ("--halo-variant", "rbf_lite"), "holdout": ("--holdout", "0")}
+
+
+def cifar_command(summary: dict, file: str) -> str:
+    """A CIFAR run's `relative_command` without `--resume` (the summary of a resumed run records the
+    last process's command), plus the options whose defaults changed after it ran (its config lacks
+    them): the rbf_lite HALO and no held-out split."""
+    command = relative_command(" ".join(shlex.quote(a) for a in shlex.split(summary["command"])
+                                        if a != "--resume"), file)
+    config = summary["config"]
+    for key, (flag, value) in CIFAR_LEGACY_OPTIONS.items():
+        if key not in config and not (key == "halo_variant" and config["loss"] != "halo"):
+            command += f" {flag} {value}"
+    return command
+
+
+def first_of_each_head(summaries: Sequence[dict]) -> list[dict]:
+    """The first run of each head, in order of appearance."""
+    return [group[0] for group in _by_head(summaries).values()]
 
 
 def _shell_word(arg: str) -> str:
@@ -570,12 +656,20 @@ def write_all(results: str | Path | None, out: str | Path) -> list[Path]:
     if cifar10:
         table("cifar10_table", cifar_table(cifar10))
         table("cifar10_detection", detection_table(cifar10))
-        table("cifar10_comparison", cifar_comparison(cifar10, openset))
+        table("cifar10_comparison", cifar_comparison(cifar10, openset, halo="halo_rbf_lite"))
         figure("cifar10_reliability", recorded_reliability(cifar10))
         for s in cifar10:
             if s["config"]["seed"] == 0:
-                figure(f"cifar10_latents_{s['config']['loss']}",
+                figure(f"cifar10_latents_{head_of(s)}",
                        latent_figure(root / "cifar10" / s["run"], s["dataset"]["classes"]))
+    long_runs = cifar_summaries("cifar10-long", root)
+    if long_runs:
+        table("cifar10_long_comparison", seed_regime_comparison(long_runs))
+        table("cifar10_long_detection", detection_table(long_runs))
+        figure("cifar10_long_reliability", recorded_reliability(long_runs))
+    recipe = cifar_summaries("cifar10-recipe", root)
+    if recipe:
+        table("cifar10_recipe", recipe_table(recipe))
     if openset:
         table("cifar10_openset_table", cifar_table(openset))
         table("cifar10_openset_detection", detection_table(openset))
