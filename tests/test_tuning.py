@@ -239,15 +239,33 @@ def test_tune_cli_rejects_malformed_shapes():
 
 # ----- compiling ahead, in the background ------------------------------------------------------------------
 
+class FakeCompiled:
+    """Stands for a Triton CompiledKernel: its `run` property builds the launcher and loads the binary,
+    once (recorded in `loads`), raising `fail` there if given (as an OutOfResources would)."""
+
+    def __init__(self, jit, kwargs, fail=None):
+        self.jit, self.kwargs, self.fail, self.loaded = jit, kwargs, fail, False
+
+    @property
+    def run(self):
+        if self.fail is not None:
+            raise self.fail
+        if not self.loaded:
+            self.loaded = True
+            self.jit.loads.append(self.kwargs)
+        return lambda *args: None
+
+
 class FakeJIT:
-    """Stands for a Triton JITFunction: records its compiles ahead (warmup) and its launches through the
-    JIT. A warmup waits for `gate` if given, and raises `fail` where fail_if(kwargs) says so."""
+    """Stands for a Triton JITFunction: records its compiles ahead (warmup), the loads of what they
+    compiled, and its launches through the JIT. A warmup waits for `gate` if given, and raises `fail`
+    where fail_if(kwargs) says so; load_fail is raised by the compiled kernel's load instead."""
 
     params = []
 
-    def __init__(self, gate=None, fail=None, fail_if=lambda kwargs: True):
-        self.gate, self.fail, self.fail_if = gate, fail, fail_if
-        self.warmups, self.launches = [], []
+    def __init__(self, gate=None, fail=None, fail_if=lambda kwargs: True, load_fail=None):
+        self.gate, self.fail, self.fail_if, self.load_fail = gate, fail, fail_if, load_fail
+        self.warmups, self.launches, self.loads = [], [], []
 
     def warmup(self, *args, grid, **kwargs):
         if self.gate is not None:
@@ -255,6 +273,7 @@ class FakeJIT:
         if self.fail is not None and self.fail_if(kwargs):
             raise self.fail
         self.warmups.append((args, kwargs))
+        return FakeCompiled(self, kwargs, self.load_fail)
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.launches.append((args, kwargs)) or object()
@@ -294,8 +313,22 @@ def test_a_launch_waits_for_its_compile_ahead_then_takes_it_from_the_jit(fake_gp
     launch.join(10)
     options = {"BLOCK": 32, "num_warps": 4, "num_stages": 3}
     assert jit.warmups == [((x, 1024, 7), options)]
+    assert jit.loads == [options], "the thread builds the launcher and loads the kernel, not the launch"
     assert jit.launches == [((x, 1008, 5), options)]
     kernel.finish_background_compiles()
+
+
+def test_a_kernel_that_compiles_ahead_but_cannot_load_fails_its_launch(fake_gpu):
+    """Loading can fail where compiling did not (more shared memory than this GPU has): the launch
+    raises that error, as a launch through the JIT would, so that the tuner can try the next tile."""
+    jit = FakeJIT(load_fail=OutOfResources(300_000, 232_448, "shared memory"))
+    launcher = direct_launcher(jit)
+    x = torch.empty(4, 16)
+    kernel.compile_in_background([launcher.ahead((1,), (x, 64), {"BLOCK": 32})])
+    kernel.finish_background_compiles()
+    with pytest.raises(OutOfResources):
+        launcher((1,), (x, 64), {"BLOCK": 32})
+    assert jit.launches == []
 
 
 def test_an_error_compiling_ahead_is_raised_by_the_launch_that_needs_it(fake_gpu):
@@ -502,3 +535,31 @@ def test_on_a_gpu_launches_find_their_kernels_compiled_ahead(monkeypatch):
     compiles.clear()
     first_call(90)
     assert compiles == []
+
+
+def test_compiles_wait_for_the_hash_of_triton_started_in_the_background(fake_gpu, monkeypatch):
+    """Triton hashes its compiler before its first compile; started in a thread, that hash runs while the
+    driver is built, and every compile (ahead or at a launch) starts after it, never hashing twice."""
+    import triton.runtime.cache
+    gate, hashes = threading.Event(), []
+
+    def slow_triton_key():
+        assert gate.wait(10)
+        hashes.append(1)
+    monkeypatch.setattr(triton.runtime.cache, "triton_key", slow_triton_key)
+    monkeypatch.setattr(kernel, "_TRITON_KEY", [])
+    kernel._hash_triton_in_background()
+    kernel._hash_triton_in_background()  # once per process
+    assert len(kernel._TRITON_KEY) == 1
+    jit = FakeJIT()
+    launcher = direct_launcher(jit)
+    x = torch.empty(4, 16)
+    kernel.compile_in_background([launcher.ahead((1,), (x, 64), {"BLOCK": 32})])
+    launch = threading.Thread(target=launcher, args=((1,), (x, 33), {"BLOCK": 32}))
+    launch.start()
+    time.sleep(0.2)
+    assert jit.warmups == [] and jit.launches == [], "nothing compiles before Triton is hashed"
+    gate.set()
+    launch.join(10)
+    kernel.finish_background_compiles()
+    assert hashes == [1] and len(jit.warmups) == 1 and len(jit.launches) == 1

@@ -179,6 +179,7 @@ def resumed(previous: dict, current: dict, dtypes: list[str]) -> dict:
     if not set(dtypes) <= measured:
         raise SystemExit(f"--resume: the file has accuracy rows for {sorted(measured)}, not for {sorted(dtypes)}")
     return {**current, "command": previous["command"], "resumed_by": previous.get("resumed_by", []) + [current["command"]],
+            "wall_s": previous.get("wall_s", 0.0),
             "rows": previous["rows"], "accuracy": previous["accuracy"], "tuned": previous.get("tuned", {})}
 
 
@@ -205,13 +206,14 @@ def _merged_choices(previous: dict, tuners: dict) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=None, help="B,H,N,D;B,H,N,D;... (default: the issue's shapes)")
-    parser.add_argument("--dtypes", default="bf16,fp16")
+    parser.add_argument("--dtypes", default="bf16", help="comma list of bf16, fp16 (default: %(default)s)")
     parser.add_argument("--causal", default="true,false", help="comma list of true/false")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--out", default=None, help="write the JSON here")
     parser.add_argument("--rep-ms", type=float, default=300)
     parser.add_argument("--resume", action="store_true", help="continue the run that wrote --out (see above)")
     args = parser.parse_args(argv)
+    started = time.perf_counter()
     if args.resume and not (args.out and Path(args.out).exists()):
         raise SystemExit(f"--resume needs the file of an earlier run as --out; not found: {args.out}")
     if not torch.cuda.is_available():
@@ -229,7 +231,7 @@ def main(argv=None):
     else:
         result = {**environment("cuda"), "rows": [], "accuracy": accuracy_rows(dtypes), "tuned": {}}
     from ..kernels.rbf_attention import BWD_TUNER, FWD_TUNER
-    previous_choices = result["tuned"]
+    previous_choices, wall_before = result["tuned"], result.get("wall_s", 0.0)  # (wall_s: every run's seconds)
     print(f"{'variant':16s} {'shape':>18s} {'dtype':5s} {'causal':6s} {'fwd ms':>8s} {'f+b ms':>8s} "
           f"{'fwd x':>6s} {'f+b x':>6s} {'loop fwd x':>10s} {'loop f+b x':>10s} {'peak MiB':>9s}")
     for dtype_name in dtypes:
@@ -265,11 +267,13 @@ def main(argv=None):
                           f"{row['fwd_loop_vs_sdpa']:10.2f} {row['fwdbwd_loop_vs_sdpa']:10.2f} {peak:9.1f}", flush=True)
                 del q, k, v
                 result["tuned"] = _merged_choices(previous_choices, {"forward": FWD_TUNER, "backward": BWD_TUNER})
+                result["wall_s"] = wall_before + time.perf_counter() - started
                 if args.out:
                     write_json(args.out, result)
     for row in result["accuracy"]:
         print(f"accuracy {row['dtype']} D{row['d']} causal={row['causal']}: rbf_lite {row['rbf_lite_rel_err']:.2e} "
               f"vs SDPA {row['sdpa_rel_err']:.2e}")
+    print(f"{time.perf_counter() - started:.0f} s")
     return result
 
 

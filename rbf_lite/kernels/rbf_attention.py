@@ -194,6 +194,7 @@ class CompiledLauncher:
             if ahead is not None and ahead.exception() is not None:  # (waits for a compile under way)
                 del self.classes[cls]  # the next launch compiles again, through the JIT
                 raise ahead.exception()
+            _triton_hashed()
             self.compiled[key] = self.kernel[grid](*args, **constexprs, **_options(num_warps, num_stages, maxnreg))
             self.classes.setdefault(cls, _DONE)
             return
@@ -246,6 +247,29 @@ def compile_in_background(jobs: list) -> None:
         classes.setdefault(cls, future)
 
 
+_TRITON_KEY: list[threading.Thread] = []  # hashing Triton's compiler: started once per process
+
+
+def _hash_triton_in_background() -> None:
+    """Before its first compile in a process, Triton hashes its own compiler (triton_key, mostly the
+    ~400 MB libtriton) for its cache keys: about 0.35 s. A thread started first does it while this one
+    builds Triton's driver (a C module that a cold cache compiles); compiles wait for it (_triton_hashed)."""
+    if _TRITON_KEY:
+        return
+    try:
+        from triton.runtime.cache import triton_key
+    except ImportError:  # another Triton: it hashes on the first compile, as before
+        return
+    thread = threading.Thread(target=triton_key, name="rbf_lite-triton-key", daemon=True)
+    thread.start()
+    _TRITON_KEY.append(thread)
+
+
+def _triton_hashed() -> None:
+    for thread in _TRITON_KEY:
+        thread.join()
+
+
 def finish_background_compiles() -> None:
     """Wait for the compiles under way in the background: for benchmarks, which should time nothing
     while a thread of this process competes for the CPU and the GIL."""
@@ -259,12 +283,15 @@ def _compile_all(work: list) -> None:
 
 
 def _compile(future: Future, kernel, device: int, grid: tuple, args: tuple, options: dict) -> None:
-    """Compile as the launch would, and give the outcome to future. An exception keeps its traceback
+    """Compile as the launch would, then build the compiled kernel's launcher and load it on the GPU
+    (a C module that Triton builds with the system's C compiler on a cold cache, then cuModuleLoad),
+    so that the launch only launches; give the outcome to future. An exception keeps its traceback
     but not its frames' variables (the kernel's arguments: tensors), which a failed compile that no
     launch comes for would otherwise keep for good."""
     try:
+        _triton_hashed()
         with torch.cuda.device(device):  # (a thread's current device is its own)
-            kernel.warmup(*args, grid=grid, **options)
+            kernel.warmup(*args, grid=grid, **options).run  # (`run` builds and loads on first access)
     except BaseException as e:
         del args
         traceback.clear_frames(e.__traceback__)
@@ -876,6 +903,7 @@ def _compile_ahead(q, k, v, out, lse, kn, causal, scale, normalize):
     what will follow (_ahead_jobs). See the module docstring."""
     which = background_compiles()
     if which != "0" and not INTERPRETING and q.is_cuda:
+        _hash_triton_in_background()
         compile_in_background(_ahead_jobs(q, k, v, out, lse, kn, causal, scale, normalize, other_class=which == "1"))
 
 
