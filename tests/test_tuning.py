@@ -519,6 +519,18 @@ def test_on_a_gpu_launches_find_their_kernels_compiled_ahead(monkeypatch):
     compiles = []
     monkeypatch.setattr(knobs.runtime, "jit_post_compile_hook",
                         lambda **kw: compiles.append((kw["fn"].name, threading.current_thread().name)))
+    import triton.backends.nvidia.driver as nvidia
+    import triton.runtime.build as build
+    launchers = []  # (thread, launcher source) of every launcher build asked for, built ahead or at a load
+
+    def recording(original):
+        def compile_module_from_src(src, name, *args, **kwargs):
+            if name == "__triton_launcher":
+                launchers.append((threading.current_thread().name, src))
+            return original(src, name, *args, **kwargs)
+        return compile_module_from_src
+    monkeypatch.setattr(build, "compile_module_from_src", recording(build.compile_module_from_src))
+    monkeypatch.setattr(nvidia, "compile_module_from_src", recording(nvidia.compile_module_from_src))
 
     def first_call(n):
         q, k, v = (torch.randn(2, 3, n, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -532,6 +544,10 @@ def test_on_a_gpu_launches_find_their_kernels_compiled_ahead(monkeypatch):
     first_call(96)
     assert sorted(compiles) == sorted([("_fwd_kernel", "MainThread"), ("_bwd_kernel", "rbf_lite-compile"),
                                        ("_fwd_kernel", "rbf_lite-compile"), ("_bwd_kernel", "rbf_lite-compile")])
+    # Each kernel's launcher was built alongside its compile, from the very source its load then asked for.
+    ahead = {src for thread, src in launchers if thread == "rbf_lite-launcher"}
+    loaded = [src for thread, src in launchers if thread != "rbf_lite-launcher"]
+    assert len(ahead) == 2 and len(loaded) == 4 and set(loaded) == ahead  # forward's and backward's, twice each
     compiles.clear()
     first_call(90)
     assert compiles == []

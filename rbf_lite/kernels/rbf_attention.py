@@ -195,7 +195,9 @@ class CompiledLauncher:
                 del self.classes[cls]  # the next launch compiles again, through the JIT
                 raise ahead.exception()
             _triton_hashed()
-            self.compiled[key] = self.kernel[grid](*args, **constexprs, **_options(num_warps, num_stages, maxnreg))
+            options = constexprs | _options(num_warps, num_stages, maxnreg)
+            _build_launcher_alongside(self.kernel, args, options)
+            self.compiled[key] = self.kernel[grid](*args, **options)
             self.classes.setdefault(cls, _DONE)
             return
         grid = tuple(grid) + (1,) * (3 - len(grid))
@@ -291,13 +293,47 @@ def _compile(future: Future, kernel, device: int, grid: tuple, args: tuple, opti
     try:
         _triton_hashed()
         with torch.cuda.device(device):  # (a thread's current device is its own)
-            kernel.warmup(*args, grid=grid, **options).run  # (`run` builds and loads on first access)
+            launcher = _build_launcher_alongside(kernel, args, options)
+            compiled = kernel.warmup(*args, grid=grid, **options)
+            if launcher is not None:
+                launcher.join()
+            compiled.run  # (`run` builds the launcher, found in the cache now, and loads the kernel)
     except BaseException as e:
         del args
         traceback.clear_frames(e.__traceback__)
         future.set_exception(e)
     else:
         future.set_result(None)
+
+
+def _build_launcher_alongside(kernel, args: tuple, options: dict) -> threading.Thread | None:
+    """Start building, in a thread, the launcher that Triton builds only after compiling the kernel, at
+    its first launch: a C module, which a cold cache compiles with the system's C compiler (~0.4 s). Its
+    source depends only on the kernel's signature, which the JIT's binder gives before compiling, so it
+    can build while the kernel compiles, and the launch finds it in Triton's cache (or, if it is not
+    there yet, builds it as before). None where the launcher needs the compile's metadata (tensor
+    descriptors) or this Triton's JIT is laid out otherwise (the launch then builds it, as before)."""
+    try:
+        from triton.backends.nvidia import driver as nvidia
+        from triton.runtime.build import compile_module_from_src
+        *_, backend, binder = kernel.device_caches[torch.cuda.current_device()]
+        bound, specialization, parsed = binder(*args, **options)
+        _, signature, constexprs, attrs = kernel._pack_args(backend, options, bound, specialization, parsed)
+        if any(str(kind).startswith("tensordesc") for kind in signature.values()):
+            return None
+        source = kernel.ASTSource(kernel, signature, constexprs, attrs)
+        code = nvidia.make_launcher(source.constants, source.signature, None)
+        build = dict(src=code, name="__triton_launcher", library_dirs=nvidia.library_dirs(),
+                     include_dirs=nvidia.include_dirs, libraries=nvidia.libraries)
+    except Exception:  # noqa: BLE001 (only a head start: the launch builds what this could not)
+        return None
+
+    def run():
+        with contextlib.suppress(Exception):  # a failure here is the launch's to build again and report
+            compile_module_from_src(**build)
+    thread = threading.Thread(target=run, name="rbf_lite-launcher", daemon=True)
+    thread.start()
+    return thread
 
 
 def _options(num_warps: int, num_stages: int, maxnreg: int | None) -> dict:
