@@ -30,13 +30,14 @@ Causal masking with N queries and M keys aligns the queries with the *last* N ke
 keys j <= i + (M - N), as when decoding against a KV cache.
 
 First calls: Triton compiles a kernel at its first launch at each specialisation (integer arguments
-such as the lengths by whether 16 divides them, or 1; pointers by alignment), the backward taking
-about 3 s of a 4.6 s first forward+backward on an H100. So a forward that records gradients, on a
-GPU, when its own kernel is about to compile, starts compiling in a background thread the backward
-kernel that its backward will launch, then the forward and backward at a length of the other class
-(divisible by 16 or not, in the same length bucket), which a later length finds compiled. Triton's
-compiler releases the GIL for much of its work, so the compiles overlap. A launch waits for the
-compile of its kernel if one is under way, and raises its error. Not under the interpreter, nor in
+such as the lengths by whether 16 divides them, or 1; pointers by alignment), the backward being the
+larger kernel. So a forward that records gradients, on a GPU, when its own kernel is about to compile,
+starts compiling in a background thread the backward kernel that its backward will launch (and loads
+it), then the forward and backward at a length of the other class (divisible by 16 or not, in the same
+length bucket), which a later length finds compiled. Triton's compiler releases the GIL for much of its
+work, so the compiles overlap. A launch waits for the compile of its kernel if one is under way, and
+raises its error. Two more of a cold first call's serial steps run beside others: Triton's hash of its
+own compiler (_hash_triton_in_background) and each kernel's launcher build (_build_launcher_alongside). Not under the interpreter, nor in
 RBF_LITE_AUTOTUNE=full mode (which times, so compiles, every candidate). RBF_LITE_BACKGROUND_COMPILE
 sets it: "1" (the default) as above, "backward" the backward only (which the first backward waits
 for: nothing compiles on after it), "0" nothing. finish_background_compiles() waits for what is under
