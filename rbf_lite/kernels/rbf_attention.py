@@ -37,11 +37,11 @@ it), then the forward and backward at a length of the other class (divisible by 
 length bucket), which a later length finds compiled. Triton's compiler releases the GIL for much of its
 work, so the compiles overlap. A launch waits for the compile of its kernel if one is under way, and
 raises its error. Two more of a cold first call's serial steps run beside others: Triton's hash of its
-own compiler (_hash_triton_in_background) and each kernel's launcher build (_build_launcher_alongside). Not under the interpreter, nor in
-RBF_LITE_AUTOTUNE=full mode (which times, so compiles, every candidate). RBF_LITE_BACKGROUND_COMPILE
-sets it: "1" (the default) as above, "backward" the backward only (which the first backward waits
-for: nothing compiles on after it), "0" nothing. finish_background_compiles() waits for what is under
-way: benchmarks call it before they time anything.
+own compiler (_hash_triton_in_background) and each kernel's launcher build (_build_launcher_alongside).
+Not under the interpreter, nor in RBF_LITE_AUTOTUNE=full mode (which times, so compiles, every
+candidate). RBF_LITE_BACKGROUND_COMPILE sets it: "1" (the default) as above, "backward" the backward
+only (which the first backward waits for: nothing compiles on after it), "0" nothing.
+finish_background_compiles() waits for what is under way: benchmarks call it before they time anything.
 """
 from __future__ import annotations
 
@@ -307,13 +307,18 @@ def _compile(future: Future, kernel, device: int, grid: tuple, args: tuple, opti
         future.set_result(None)
 
 
+_LAUNCHERS: dict[str, threading.Thread] = {}  # launcher source -> the thread that built it in this process
+
+
 def _build_launcher_alongside(kernel, args: tuple, options: dict) -> threading.Thread | None:
     """Start building, in a thread, the launcher that Triton builds only after compiling the kernel, at
     its first launch: a C module, which a cold cache compiles with the system's C compiler (~0.4 s). Its
     source depends only on the kernel's signature, which the JIT's binder gives before compiling, so it
     can build while the kernel compiles, and the launch finds it in Triton's cache (or, if it is not
-    there yet, builds it as before). None where the launcher needs the compile's metadata (tensor
-    descriptors) or this Triton's JIT is laid out otherwise (the launch then builds it, as before)."""
+    there yet, builds it as before). Kernels of one signature (other tiles, the other length class)
+    share a launcher: its thread is started once and returned again. None where the launcher needs the
+    compile's metadata (tensor descriptors) or this Triton's JIT is laid out otherwise (the launch then
+    builds it, as before)."""
     try:
         from triton.backends.nvidia import driver as nvidia
         from triton.runtime.build import compile_module_from_src
@@ -328,11 +333,13 @@ def _build_launcher_alongside(kernel, args: tuple, options: dict) -> threading.T
                      include_dirs=nvidia.include_dirs, libraries=nvidia.libraries)
     except Exception:  # noqa: BLE001 (only a head start: the launch builds what this could not)
         return None
+    if code in _LAUNCHERS:
+        return _LAUNCHERS[code]
 
     def run():
         with contextlib.suppress(Exception):  # a failure here is the launch's to build again and report
             compile_module_from_src(**build)
-    thread = threading.Thread(target=run, name="rbf_lite-launcher", daemon=True)
+    thread = _LAUNCHERS[code] = threading.Thread(target=run, name="rbf_lite-launcher", daemon=True)
     thread.start()
     return thread
 
