@@ -62,13 +62,14 @@ def kernel_build(direction: str, causal: bool):
         keys = ra._descriptor(x, 128)
         values = (x, keys, keys, rows, x, rows, *x.stride() * 4, H, N, N, 0.3, 0.2)
         constexprs = dict(HEAD_DIM=D, CAUSAL=causal, DOT_PRECISION="tf32", NORMALIZED=True, TMA=True,
-                          INLINE_NORMS=False, BLOCK_M=128, BLOCK_N=128, MASKED_FIRST=False)
+                          INLINE_NORMS=False, BLOCK_M=128, BLOCK_N=128, MASKED_FIRST=False, STAGED=True)
         return ra._fwd_kernel, values, constexprs, 8, 3
     tiles = ra._descriptor(x, 64)
     values = (x, x, x, rows, x, x, rows, rows, x, x, x, tiles, tiles, tiles, tiles, *x.stride() * 7,
               H, N, N, 0.3, 0.2, 0.1)
     constexprs = dict(HEAD_DIM=D, CAUSAL=causal, DOT_PRECISION="tf32", NORMALIZED=True, TMA=True, ATOMIC_DQ=False,
-                      DELTA=ra.DELTA_LOAD.value, BLOCK_M1=64, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=64)
+                      DELTA=ra.DELTA_LOAD.value, BLOCK_M1=64, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=64,
+                      STAGED=True)
     return ra._bwd_kernel, values, constexprs, 4, 2
 
 

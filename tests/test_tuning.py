@@ -44,12 +44,13 @@ class FakeLauncher:
     def __init__(self, too_large=()):
         self.launched, self.too_large = [], set(too_large)
 
-    def __call__(self, grid, args, constexprs, num_warps, num_stages, maxnreg, on_compile=None):
+    def __call__(self, grid, args, constexprs, num_warps, num_stages, maxnreg, on_compile=None, defer=False):
         config = triton.Config({k: constexprs[k] for k in ("BLOCK_M", "BLOCK_N", "MASKED_FIRST")},
                                num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg)
         if config in self.too_large:
             raise OutOfResources(300_000, 232_448, "shared memory")
         self.launched.append(config)
+        return True
 
 
 def forward_tuner(launcher, monkeypatch, table_gpus=None):
@@ -265,7 +266,7 @@ class FakeJIT:
 
     def __init__(self, gate=None, fail=None, fail_if=lambda kwargs: True, load_fail=None):
         self.gate, self.fail, self.fail_if, self.load_fail = gate, fail, fail_if, load_fail
-        self.warmups, self.launches, self.loads = [], [], []
+        self.warmups, self.launches, self.loads, self.direct = [], [], [], []
 
     def warmup(self, *args, grid, **kwargs):
         if self.gate is not None:
@@ -276,7 +277,16 @@ class FakeJIT:
         return FakeCompiled(self, kwargs, self.load_fail)
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launches.append((args, kwargs)) or object()
+        return lambda *args, **kwargs: self.launches.append((args, kwargs)) or FakeLaunched(self, kwargs)
+
+
+class FakeLaunched(types.SimpleNamespace):
+    """What a launch through a FakeJIT compiled: later launches of its specialisation call its `run`
+    directly (recorded in the JIT's `direct`)."""
+
+    def __init__(self, jit, kwargs):
+        super().__init__(function=None, packed_metadata=None)
+        self.run = lambda *args: jit.direct.append(kwargs)
 
 
 @pytest.fixture
@@ -286,6 +296,7 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext())
     no_driver = types.SimpleNamespace(active=types.SimpleNamespace(get_current_target=lambda: None))
     monkeypatch.setattr(kernel, "driver", no_driver)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 0, raising=False)
 
 
 def direct_launcher(jit, constexpr_names=("BLOCK",)):
@@ -367,6 +378,127 @@ def test_a_tile_that_fails_to_compile_ahead_falls_back_as_at_launch(fake_gpu, ca
     assert tuner.chosen[key(d=128)] == second
 
 
+STAND_IN = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "MASKED_FIRST": False, "STAGED": False}, num_warps=4,
+                         num_stages=2)
+
+
+def stand_in_tuner(jit, monkeypatch, table_config=None):
+    """A forward tuner with a stand-in, launching through a FakeJIT; the table (if given) picks table_config."""
+    launcher = direct_launcher(jit, ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "MASKED_FIRST", "STAGED"))
+    tuner = forward_tuner(launcher, monkeypatch,
+                          table_config and {GPU[0]: {"capability": "9.0", "forward": [entry(table_config)]}})
+    tuner.stand_in = STAND_IN
+    return tuner
+
+
+def tiles(jit) -> tuple[list, list]:
+    """(BLOCK_M, STAGED) of each launch a FakeJIT recorded: through the JIT (compiling), then direct."""
+    return ([(kw["BLOCK_M"], kw["STAGED"]) for _, kw in jit.launches],
+            [(kw["BLOCK_M"], kw["STAGED"]) for kw in jit.direct])
+
+
+def test_a_launch_runs_the_stand_in_until_its_kernel_has_compiled_in_the_background(fake_gpu, cache, monkeypatch):
+    """The first launch queues the chosen tile's compile and runs the stand-in; so do launches while that
+    compile runs (the stand-in then compiled, launched directly); the first launch after it takes over."""
+    chosen = kernel.TUNED_FWD_CONFIGS[5]
+    gate = threading.Event()
+    jit = FakeJIT(gate=gate)
+    tuner = stand_in_tuner(jit, monkeypatch, chosen)
+    grid, args = (lambda meta: (1,)), (lambda meta: (torch.empty(8), 1024))
+    run = lambda: tuner.launch(key(), torch.bfloat16, grid, args, HEAD_DIM=64, STAGED=True)  # noqa: E731
+    run()
+    run()
+    assert tiles(jit) == ([(16, False)], [(16, False)])
+    assert jit.warmups == [] and tuner.chosen[key()] == chosen and tuner.choices()[0]["source"] == "table"
+    gate.set()
+    kernel.finish_background_compiles()
+    assert [(kw["BLOCK_M"], kw["STAGED"]) for _, kw in jit.warmups] == [(chosen.kwargs["BLOCK_M"], True)]
+    run()
+    run()
+    tuned = (chosen.kwargs["BLOCK_M"], True)
+    assert tiles(jit) == ([(16, False), tuned], [(16, False), tuned])
+
+
+def test_a_tile_that_fails_to_compile_after_its_stand_in_ran_gives_way_to_the_next(fake_gpu, cache, monkeypatch):
+    """The chosen tile's compile in the background fails (ptxas): the next launch raises nothing, plans
+    again without that tile, and runs the stand-in while the next tile compiles."""
+    chosen = kernel.TUNED_FWD_CONFIGS[5]
+    jit = FakeJIT(fail=PTXASError("too many registers"),
+                  fail_if=lambda kwargs: kwargs["BLOCK_N"] == chosen.kwargs["BLOCK_N"] and kwargs["STAGED"]
+                  and kwargs["num_warps"] == chosen.num_warps and kwargs["num_stages"] == chosen.num_stages)
+    tuner = stand_in_tuner(jit, monkeypatch, chosen)
+    grid, args = (lambda meta: (1,)), (lambda meta: (torch.empty(8), 1024))
+    for _ in range(3):
+        tuner.launch(key(), torch.bfloat16, grid, args, HEAD_DIM=64, STAGED=True)
+        kernel.finish_background_compiles()
+    following = kernel._heuristic_fwd(64)[0]
+    assert tuner.chosen[key()] == following and tuner.failed[key()] == {chosen}
+    assert tiles(jit) == ([(16, False), (following.kwargs["BLOCK_M"], True)], [(16, False)])
+
+
+@pytest.mark.parametrize("setting", ["RBF_LITE_BACKGROUND_COMPILE=0", "RBF_LITE_AUTOTUNE=0", "deterministic",
+                                     "compile worker"])
+def test_no_stand_in_where_it_is_not_allowed(setting, fake_gpu, cache, monkeypatch):
+    """Off with background compiles, in the fixed-configuration mode, in the tuner's compile workers, and
+    under torch's deterministic algorithms (a stand-in sums in another order): the launch compiles its own
+    kernel and runs it."""
+    assert kernel.stand_ins_allowed()
+    if setting == "deterministic":
+        monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    elif setting == "compile worker":
+        monkeypatch.setattr(tuning, "COMPILE_SHARE", (0, 2))
+    else:
+        monkeypatch.setenv(*setting.split("="))
+    assert not kernel.stand_ins_allowed()
+    chosen = kernel.TUNED_FWD_CONFIGS[5]
+    jit = FakeJIT()
+    tuner = stand_in_tuner(jit, monkeypatch, chosen)
+    tuner.launcher(((1,)), (torch.empty(8), 1024), {"HEAD_DIM": 64, "STAGED": True} | chosen.kwargs, chosen.num_warps,
+                   chosen.num_stages, defer=True)
+    assert tiles(jit) == ([(chosen.kwargs["BLOCK_M"], True)], []) and jit.warmups == []
+
+
+def test_the_stand_in_compiles_ahead_only_where_it_will_run(fake_gpu, cache, monkeypatch):
+    chosen = kernel.TUNED_FWD_CONFIGS[5]
+    jit = FakeJIT()
+    tuner = stand_in_tuner(jit, monkeypatch, chosen)
+    grid, args = (lambda meta: (1,)), (lambda meta: (torch.empty(8), 1024))
+    ahead = lambda: tuner.ahead(key(), torch.bfloat16, grid, args, stand_in=True, HEAD_DIM=64, STAGED=True)  # noqa: E731
+    job = ahead()
+    assert job is not None and job[1][0] == (64, 16, 16, False, False), "the stand-in's constexprs"
+    kernel.compile_in_background([tuner.ahead(key(), torch.bfloat16, grid, args, HEAD_DIM=64, STAGED=True)])
+    kernel.finish_background_compiles()
+    assert ahead() is None, "the chosen tile is compiled: no stand-in will run"
+
+
+def test_background_compiles_run_in_turn_on_one_thread(fake_gpu):
+    """Jobs queued by several calls run in the order queued, on one thread at a time; a job queued after
+    the thread has finished starts another."""
+    order, running, most = [], [], []
+
+    class Recording(FakeJIT):
+        def warmup(self, *args, grid, **kwargs):
+            running.append(1)
+            most.append(len(running))
+            order.append((kwargs["BLOCK"], threading.current_thread().name))
+            try:
+                return super().warmup(*args, grid=grid, **kwargs)
+            finally:
+                running.pop()
+    gate = threading.Event()
+    launcher = direct_launcher(Recording(gate=gate))
+    x = torch.empty(4, 16)
+    kernel.compile_in_background([launcher.ahead((1,), (x, 64), {"BLOCK": 16}), launcher.ahead((1,), (x, 64), {"BLOCK": 32})])
+    kernel.compile_in_background([launcher.ahead((1,), (x, 64), {"BLOCK": 64})])
+    time.sleep(0.1)
+    gate.set()
+    kernel.finish_background_compiles()
+    kernel.compile_in_background([launcher.ahead((1,), (x, 64), {"BLOCK": 128})])
+    kernel.finish_background_compiles()
+    assert [block for block, _ in order] == [16, 32, 64, 128] and max(most) == 1
+    assert {thread for _, thread in order} == {"rbf_lite-compile"}
+
+
 def test_the_tuner_compiles_ahead_the_configuration_it_will_launch(cache, monkeypatch):
     """The first candidate of the plan (here the table's), or the one already chosen; nothing while
     every candidate is timed ("full" mode) or compiled by the tuner's workers."""
@@ -389,7 +521,7 @@ def test_the_tuner_compiles_ahead_the_configuration_it_will_launch(cache, monkey
 def test_background_compiles_setting(monkeypatch):
     monkeypatch.delenv("RBF_LITE_BACKGROUND_COMPILE", raising=False)
     assert kernel.background_compiles() == "1"
-    for value in ("0", "backward", "1"):
+    for value in ("0", "1"):
         monkeypatch.setenv("RBF_LITE_BACKGROUND_COMPILE", value)
         assert kernel.background_compiles() == value
     monkeypatch.setenv("RBF_LITE_BACKGROUND_COMPILE", "yes")
@@ -398,8 +530,7 @@ def test_background_compiles_setting(monkeypatch):
 
 
 @pytest.mark.parametrize("setting, interpreting, cuda, expected", [
-    ("1", False, True, ["bwd (48, 48)", "fwd (47, 47)", "bwd (47, 47)"]),
-    ("backward", False, True, ["bwd (48, 48)"]),
+    ("1", False, True, ["bwd (48, 48) stand-in", "fwd (48, 48)", "bwd (48, 48)", "fwd (47, 47)", "bwd (47, 47)"]),
     ("0", False, True, []),
     ("1", True, True, []),      # the interpreter: every launch goes through the JIT, nothing to compile ahead
     ("1", False, False, []),    # not on a GPU
@@ -409,8 +540,8 @@ def test_what_a_forward_compiles_ahead(setting, interpreting, cuda, expected, mo
     monkeypatch.setenv("RBF_LITE_BACKGROUND_COMPILE", setting)
     monkeypatch.setattr(kernel, "INTERPRETING", interpreting)
     monkeypatch.setattr(kernel, "compile_in_background", lambda js: jobs.extend(js))
-    monkeypatch.setattr(kernel, "_forward", lambda *a, ahead: f"fwd {ahead}")
-    monkeypatch.setattr(kernel, "_backward", lambda *a, ahead: f"bwd {ahead}")
+    monkeypatch.setattr(kernel, "_forward", lambda *a, ahead, stand_in=False: f"fwd {ahead}" + " stand-in" * stand_in)
+    monkeypatch.setattr(kernel, "_backward", lambda *a, ahead, stand_in=False: f"bwd {ahead}" + " stand-in" * stand_in)
     q = types.SimpleNamespace(is_cuda=cuda, shape=(1, 2, 48, 16))
     kernel._compile_ahead(q, q, q, None, None, None, True, 0.25, True)
     assert jobs == expected
@@ -462,9 +593,10 @@ def ahead_of(tuner, monkeypatch) -> list:
     """Each compile ahead asked of `tuner`, as `launched` records launches (nothing compiles)."""
     seen = []
 
-    def record(key, dtype, grid, args, reset=None, on_compile=None, **constexprs):
-        meta = (tuner.chosen.get(key) or tuner._plan(key, dtype)[0][0]).kwargs  # (what Tuner.ahead takes)
-        seen.append((key, grid(meta), jit_specialisation(args(meta)), constexprs))
+    def record(key, dtype, grid, args, reset=None, on_compile=None, stand_in=False, **constexprs):
+        config = tuner.stand_in if stand_in else tuner.chosen.get(key) or tuner._plan(key, dtype)[0][0]
+        meta = config.kwargs  # (what Tuner.ahead takes)
+        seen.append((key, grid(meta), jit_specialisation(args(meta)), constexprs, stand_in))
     monkeypatch.setattr(tuner, "ahead", record)
     return seen
 
@@ -476,8 +608,8 @@ def ahead_of(tuner, monkeypatch) -> list:
 @pytest.mark.parametrize("lengths, later", [((48, 48), (33, 33)), ((17, 50), (32, 48))])
 def test_the_kernels_compiled_ahead_are_the_kernels_launched(lengths, later, causal, tma, atomic, normalize, long,
                                                              device, monkeypatch):
-    """What a forward compiles ahead, specialised by Triton's own code, is what the backward then
-    launches, and at the other length class what a later length of that class launches (forward and
+    """What a forward compiles ahead, specialised by Triton's own code, is what the forward and backward
+    launch (and, for the backward's stand-in, its key and constexprs), and at the other length class what a later length of that class launches (forward and
     backward): the same tuning key, constexprs and argument specialisations (and grid, at the same
     lengths). Both sides run _forward and _backward; this catches what the ahead path does
     differently (the gradient, the buffers, the lengths, the pre-passes)."""
@@ -495,25 +627,29 @@ def test_the_kernels_compiled_ahead_are_the_kernels_launched(lengths, later, cau
         return q, k, v, out, lse, kn
 
     inputs = forward_backward(*lengths)
-    assert kernel._ahead_jobs(*inputs, causal, 0.25, normalize, other_class=True) == [None] * 3
+    assert kernel._ahead_jobs(*inputs, causal, 0.25, normalize) == [None] * 5
     forward_backward(*later)
     assert [kernel._other_class(n) for n in lengths] != list(later)  # another length of the same class
-    assert bwd_ahead[0] == bwd_launches[0]
-    for ahead, launch_ in ((fwd_ahead[0], fwd_launches[1]), (bwd_ahead[1], bwd_launches[1])):
+    assert [a[4] for a in bwd_ahead] == [True, False, False] and [a[4] for a in fwd_ahead] == [False, False]
+    assert bwd_ahead[1][:4] == bwd_launches[0] and fwd_ahead[0][:4] == fwd_launches[0]
+    stand_in = bwd_ahead[0]  # the backward's stand-in: the same key and constexprs, its own tile
+    assert (stand_in[0], stand_in[3]) == (bwd_launches[0][0], bwd_launches[0][3])
+    for ahead, launch_ in ((fwd_ahead[1], fwd_launches[1]), (bwd_ahead[2], bwd_launches[1])):
         assert (ahead[0], ahead[2], ahead[3]) == (launch_[0], launch_[2], launch_[3])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiles for and launches on a GPU")
 def test_on_a_gpu_launches_find_their_kernels_compiled_ahead(monkeypatch):
-    """A first forward+backward: the backward kernel compiles in the background only, never at its
-    launch; then a length of the other class compiles nothing at all. Fresh launchers and JIT caches
+    """A first forward+backward runs the stand-ins, the backward's compiled in the background only, never
+    at its launch; the next call runs the tuned kernels, compiled meanwhile; then a length of the other
+    class compiles nothing at all. Fresh launchers and JIT caches
     (Triton's disk cache may hold the kernels: loading them counts as a compile here too)."""
     from collections import defaultdict
     from triton import knobs
     for name in ("FWD_TUNER", "BWD_TUNER"):
         old = getattr(kernel, name)
         monkeypatch.setattr(kernel, name, tuning.Tuner(old.direction, kernel.CompiledLauncher(old.launcher.kernel),
-                                                       old.configs, old.fits, old.heuristic))
+                                                       old.configs, old.fits, old.heuristic, old.stand_in))
         monkeypatch.setattr(old.launcher.kernel, "device_caches", defaultdict(old.launcher.kernel.create_binder))
     monkeypatch.setenv("RBF_LITE_BACKGROUND_COMPILE", "1")
     monkeypatch.setattr(kernel, "_LAUNCHERS", {})  # launchers built by earlier tests in this process
@@ -542,15 +678,27 @@ def test_on_a_gpu_launches_find_their_kernels_compiled_ahead(monkeypatch):
         want = rbf_attention_reference(q.detach().float(), k.detach().float(), v.detach().float(), True, 0.125)
         torch.testing.assert_close(out.float(), want, atol=4e-2, rtol=4e-2)
 
+    def staged(tuner) -> list:
+        """STAGED of each kernel launched through the JIT so far: False for a stand-in, True for a tuned one."""
+        index = tuner.launcher.constexpr_names.index("STAGED")
+        return sorted(key[0][index] for key in tuner.launcher.compiled)
+
     first_call(96)
-    assert sorted(compiles) == sorted([("_fwd_kernel", "MainThread"), ("_bwd_kernel", "rbf_lite-compile"),
-                                       ("_fwd_kernel", "rbf_lite-compile"), ("_bwd_kernel", "rbf_lite-compile")])
+    # The forward's stand-in on this thread; the backward's stand-in, then the tuned kernels at this
+    # length and at one of the other class, in the background.
+    assert [name for name, thread in compiles if thread == "MainThread"] == ["_fwd_kernel"]
+    assert [name for name, thread in compiles if thread != "MainThread"] == [
+        "_bwd_kernel", "_fwd_kernel", "_bwd_kernel", "_fwd_kernel", "_bwd_kernel"]
+    assert staged(kernel.FWD_TUNER) == staged(kernel.BWD_TUNER) == [False], "the first call ran the stand-ins"
     # Each kernel's launcher was built alongside its compile, from the very source its load then asked for.
     ahead = {src for thread, src in launchers if thread == "rbf_lite-launcher"}
     loaded = [src for thread, src in launchers if thread != "rbf_lite-launcher"]
-    assert len(ahead) == 2 and len(loaded) == 4 and set(loaded) == ahead  # forward's and backward's, twice each
+    assert len(ahead) == 2 and len(loaded) == 6 and set(loaded) == ahead  # forward's and backward's, 3 times each
     compiles.clear()
+    first_call(96)
+    assert staged(kernel.FWD_TUNER) == staged(kernel.BWD_TUNER) == [False, True], "the tuned kernels took over"
     first_call(90)
+    assert staged(kernel.FWD_TUNER) == staged(kernel.BWD_TUNER) == [False, True, True]
     assert compiles == []
 
 

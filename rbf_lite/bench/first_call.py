@@ -9,10 +9,11 @@ causality. Each shape runs twice: with Triton's compile cache empty ("cold", a f
 TRITON_CACHE_DIR) and with the cache the cold run left ("warm", as in any later session). SDPA's
 first and second calls are measured the same way, in processes of their own.
 
-A first call may leave kernels compiling in the background (for the other length class: see
+A first call runs stand-in kernels and leaves the tuned ones compiling in the background (see
 rbf_lite/kernels/rbf_attention.py); the next call starts once they are done, as a notebook's next
 cell would seconds later, and `background_s` says how long after the call that took. Each row
-records RBF_LITE_BACKGROUND_COMPILE (set it to compare: "0" compiles everything on first use).
+records which kernels had run after the first and the second call, and RBF_LITE_BACKGROUND_COMPILE
+(set it to compare: "0" compiles the tuned kernels at their first launch, without stand-ins).
 """
 from __future__ import annotations
 
@@ -69,7 +70,9 @@ def first_calls(impl: str, shape: tuple, dtype: str, lengths: tuple) -> dict:
         return forward, call, time.perf_counter() - start - call
 
     first_fwd, first, background = timed(n)
+    first_ran = _kernels_run()
     _, second, _ = timed(n)
+    second_ran = _kernels_run()
     news = [timed(m) for m in lengths]
     row = {"impl": impl, "b": b, "h": h, "n": n, "d": d, "dtype": dtype, "causal": causal,
            "background_compile": background_compiles(), "first_call_s": first, "first_forward_s": first_fwd,
@@ -79,7 +82,19 @@ def first_calls(impl: str, shape: tuple, dtype: str, lengths: tuple) -> dict:
     if impl == "rbf_lite":
         from ..kernels.rbf_attention import BWD_TUNER, FWD_TUNER
         row["choices"] = sorted({c["source"] for c in FWD_TUNER.choices() + BWD_TUNER.choices()})
+        row["kernels_after_first_call"], row["kernels_after_second_call"] = first_ran, second_ran
     return row
+
+
+def _kernels_run() -> dict:
+    """Per direction, the attention kernels launched so far in this process: "stand-in" and/or "tuned"
+    (see rbf_lite/kernels/rbf_attention.py)."""
+    from ..kernels.rbf_attention import BWD_TUNER, FWD_TUNER
+    ran = {}
+    for tuner in (FWD_TUNER, BWD_TUNER):
+        staged = tuner.launcher.constexpr_names.index("STAGED")
+        ran[tuner.direction] = sorted({"tuned" if key[0][staged] else "stand-in" for key in tuner.launcher.compiled})
+    return ran
 
 
 def in_fresh_process(impl: str, shape: tuple, dtype: str, lengths: tuple, env: dict) -> dict:

@@ -220,14 +220,16 @@ class Tuner:
     (length buckets, head dim, causality, dtype, device), and a known choice costs one dict lookup.
     """
 
-    def __init__(self, direction: str, launcher, configs, fits, heuristic):
+    def __init__(self, direction: str, launcher, configs, fits, heuristic, stand_in: triton.Config | None = None):
         """configs: every candidate (timed in "full" mode); heuristic(head_dim): candidates in order of
-        preference for GPUs the table has not measured."""
+        preference for GPUs the table has not measured; stand_in: a configuration that compiles fast,
+        launched in place of one that is still compiling in the background (see CompiledLauncher)."""
         self.direction, self.launcher, self.configs, self.fits = direction, launcher, configs, fits
-        self.heuristic = heuristic
+        self.heuristic, self.stand_in = heuristic, stand_in
         self.chosen: dict[tuple, triton.Config] = {}
         self.sources: dict[tuple, str] = {}
         self.compiled: dict[tuple, set] = {}  # family -> configurations launched in this process
+        self.failed: dict[tuple, set] = {}  # key -> chosen configurations whose compile in the background failed
 
     def launch(self, key: tuple, dtype: torch.dtype, grid, args, reset=None, on_compile=None, **constexprs) -> None:
         """grid and args are functions of the configuration's block sizes (TMA descriptors depend on them).
@@ -235,8 +237,12 @@ class Tuner:
         on_compile: see CompiledLauncher.__call__."""
         config = self.chosen.get(key)
         if config is not None:
-            self._run(config, grid, args, constexprs, on_compile)
-            return
+            try:
+                self._run(config, grid, args, constexprs, on_compile)
+                return
+            except (OutOfResources, PTXASError):  # compiled in the background, after a stand-in ran for it
+                self.failed.setdefault(key, set()).add(self.chosen.pop(key))
+                self.compiled.get(_family(portable_key(key)), set()).discard(config)
         fields = portable_key(key)
         candidates = self._candidates(key, dtype)
         if len(candidates) > 1:
@@ -249,7 +255,9 @@ class Tuner:
                 CACHE.put(gpu_name, self.direction, fields, best, finalists)
                 if reset is not None:
                     reset()
-        self._first_launch(key, fields, *self._plan(key, dtype), grid, args, constexprs, on_compile)
+        ordered, source = self._plan(key, dtype)
+        ordered = [c for c in ordered if c not in self.failed.get(key, ())] or ordered[-1:]
+        self._first_launch(key, fields, ordered, source, grid, args, constexprs, on_compile)
 
     def _candidates(self, key: tuple, dtype: torch.dtype) -> list[triton.Config]:
         """The configurations to choose from; only one where there is no choice to make: in mode "0"
@@ -282,19 +290,24 @@ class Tuner:
         ordered += [c for c in self.heuristic(int(fields["head_dim"])) if self.fits(c, dtype)] + candidates[-1:]
         return ordered, source
 
-    def ahead(self, key: tuple, dtype: torch.dtype, grid, args, reset=None, on_compile=None, **constexprs):
+    def ahead(self, key: tuple, dtype: torch.dtype, grid, args, reset=None, on_compile=None, stand_in=False,
+              **constexprs):
         """A compile, for a background thread, of the configuration that `launch` tries first at `key` (see
         CompiledLauncher.ahead), or None. It takes launch's arguments (reset and on_compile unused), so that
-        a caller passes both the same. None in "full" mode, where a new key is timed (compiling every
-        candidate), and in `python -m rbf_lite.tune`'s compile workers, which compile them all themselves."""
+        a caller passes both the same. stand_in: the stand-in's compile instead, or None where that
+        configuration is compiled (no stand-in will run for it). None in "full" mode, where a new key is
+        timed (compiling every candidate), and in `python -m rbf_lite.tune`'s compile workers, which compile
+        them all themselves."""
         if mode() == "full" or COMPILE_SHARE is not None:
             return None
         config = self.chosen.get(key)
         if config is None:
             config = self._plan(key, dtype)[0][0]
-        meta = config.kwargs
-        return self.launcher.ahead(grid(meta), args(meta), constexprs | meta, config.num_warps, config.num_stages,
-                                   config.maxnreg)
+        if stand_in:
+            if self.stand_in is None or self.launcher.compiled_for(*self._launch_args(config, grid, args, constexprs)):
+                return None
+            config = self.stand_in
+        return self.launcher.ahead(*self._launch_args(config, grid, args, constexprs))
 
     def _first_launch(self, key, fields, ordered, source, grid, args, constexprs, on_compile=None) -> None:
         """Launch the first configuration of `ordered` that compiles on this GPU, and keep it for `key`."""
@@ -313,7 +326,7 @@ class Tuner:
         worker, workers = COMPILE_SHARE
         for config in candidates[worker::workers]:
             try:
-                self._run(config, grid, args, constexprs)
+                self._run(config, grid, args, constexprs, defer=False)
             except (OutOfResources, PTXASError):
                 continue
         self._first_launch(key, fields, candidates[-1:], "only", grid, args, constexprs)
@@ -323,10 +336,19 @@ class Tuner:
         return [{"key": portable_key(key), "config": config_dict(config), "source": self.sources.get(key, "timed")}
                 for key, config in self.chosen.items()]
 
-    def _run(self, config, grid, args, constexprs, on_compile=None):
+    @staticmethod
+    def _launch_args(config, grid, args, constexprs) -> tuple:
+        """The launcher's arguments for `config`: its block sizes override the caller's constexprs."""
         meta = config.kwargs
-        self.launcher(grid(meta), args(meta), constexprs | meta, config.num_warps, config.num_stages, config.maxnreg,
-                      on_compile=on_compile)
+        return grid(meta), args(meta), constexprs | meta, config.num_warps, config.num_stages, config.maxnreg
+
+    def _run(self, config, grid, args, constexprs, on_compile=None, defer=True):
+        """Launch `config`; or, if it is not compiled yet and `defer`, its stand-in while it compiles in the
+        background (for the next launches)."""
+        meta = config.kwargs  # (not _launch_args: this runs on every launch)
+        if not self.launcher(grid(meta), args(meta), constexprs | meta, config.num_warps, config.num_stages,
+                             config.maxnreg, on_compile=on_compile, defer=defer and self.stand_in is not None):
+            self.launcher(*self._launch_args(self.stand_in, grid, args, constexprs))
 
     def _choose(self, candidates, grid, args, constexprs) -> tuple[triton.Config, list[dict]]:
         """Time every candidate: the fastest, and the finalists' times relative to it."""
@@ -341,7 +363,7 @@ class Tuner:
                 if config in too_large:
                     continue
                 try:
-                    t = do_bench(lambda: self._run(config, grid, args, constexprs), warmup=5, rep=rep_ms)
+                    t = do_bench(lambda: self._run(config, grid, args, constexprs, defer=False), warmup=5, rep=rep_ms)
                 except (OutOfResources, PTXASError):
                     too_large.add(config)
                     continue
