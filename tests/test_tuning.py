@@ -399,13 +399,17 @@ def tiles(jit) -> tuple[list, list]:
 
 def test_a_launch_runs_the_stand_in_until_its_kernel_has_compiled_in_the_background(fake_gpu, cache, monkeypatch):
     """The first launch queues the chosen tile's compile and runs the stand-in; so do launches while that
-    compile runs (the stand-in then compiled, launched directly); the first launch after it takes over."""
+    compile runs (the stand-in then compiled, launched directly); the first launch after it takes over,
+    building nothing (the compile ahead built its launcher). on_compile runs once, at the first launch."""
     chosen = kernel.TUNED_FWD_CONFIGS[5]
     gate = threading.Event()
     jit = FakeJIT(gate=gate)
     tuner = stand_in_tuner(jit, monkeypatch, chosen)
     grid, args = (lambda meta: (1,)), (lambda meta: (torch.empty(8), 1024))
-    run = lambda: tuner.launch(key(), torch.bfloat16, grid, args, HEAD_DIM=64, STAGED=True)  # noqa: E731
+    builds, first_launches = [], []
+    monkeypatch.setattr(kernel, "_build_launcher_alongside", lambda jit, args, options: builds.append(options["STAGED"]))
+    run = lambda: tuner.launch(key(), torch.bfloat16, grid, args, HEAD_DIM=64, STAGED=True,  # noqa: E731
+                               on_compile=lambda: first_launches.append(1))
     run()
     run()
     assert tiles(jit) == ([(16, False)], [(16, False)])
@@ -417,6 +421,7 @@ def test_a_launch_runs_the_stand_in_until_its_kernel_has_compiled_in_the_backgro
     run()
     tuned = (chosen.kwargs["BLOCK_M"], True)
     assert tiles(jit) == ([(16, False), tuned], [(16, False), tuned])
+    assert sorted(builds) == [False, True] and first_launches == [1]
 
 
 def test_a_tile_that_fails_to_compile_after_its_stand_in_ran_gives_way_to_the_next(fake_gpu, cache, monkeypatch):

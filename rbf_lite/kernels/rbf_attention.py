@@ -188,8 +188,8 @@ class CompiledLauncher:
                  maxnreg: int | None = None, on_compile=None, defer: bool = False) -> bool:
         """Launch; False instead where `defer` allows it (and stand_ins_allowed()) and the kernel is not
         compiled yet: its compile then runs in the background (or already does), and the caller launches
-        a stand-in. on_compile: called before a launch through the JIT (the first at its specialisation in
-        this process), while the kernel may still have to compile: to start compiling others alongside."""
+        a stand-in. on_compile: called at the first launch of the kernel's class (see _classes) in this
+        process, before it compiles, unless compiled ahead: to start compiling others alongside."""
         if not self.direct:
             self.kernel[grid](*args, **constexprs, **_options(num_warps, num_stages, maxnreg))
             return True
@@ -198,10 +198,11 @@ class CompiledLauncher:
         key = (values, num_warps, num_stages, maxnreg, device, self._specialisation(args))
         compiled = self.compiled.get(key)
         if compiled is None:
-            if on_compile is not None:
-                on_compile()
             cls = (values, num_warps, num_stages, maxnreg, device, self._classes(args))
             ahead = self.classes.get(cls)
+            if ahead is None and on_compile is not None:
+                on_compile()
+                ahead = self.classes.get(cls)
             if defer and (ahead is None or not ahead.done()) and stand_ins_allowed():
                 if ahead is None:
                     compile_in_background([self.ahead(grid, args, constexprs, num_warps, num_stages, maxnreg)])
@@ -209,9 +210,10 @@ class CompiledLauncher:
             if ahead is not None and ahead.exception() is not None:  # (waits for a compile under way)
                 del self.classes[cls]  # the next launch compiles again, through the JIT
                 raise ahead.exception()
-            _triton_hashed()
             options = constexprs | _options(num_warps, num_stages, maxnreg)
-            _build_launcher_alongside(self.kernel, args, options)
+            if ahead is None:  # it compiles here (a compile ahead has built the launcher and loaded the kernel)
+                _triton_hashed()
+                _build_launcher_alongside(self.kernel, args, options)
             self.compiled[key] = self.kernel[grid](*args, **options)
             self.classes.setdefault(cls, _DONE)
             return True
@@ -846,8 +848,10 @@ def _dot_precision(dtype: torch.dtype) -> str:
 # Stand-ins, launched while a kernel's tuned configuration compiles in the background (see the module
 # docstring): the smallest tile, which fits every dtype and head dim, with each loop in one masked stage
 # (STAGED=False) instead of two or three. On the 2-core CPU here (sm_90 builds) the backward compiles in
-# 0.7 s instead of 2.3 s (B2 H8 N2048 D64 causal, the table's tile), the forward in 0.4 s.
-STAND_IN_FWD, STAND_IN_BWD = (triton.Config(c.kwargs | {"STAGED": False}, num_warps=c.num_warps,
+# 0.7 s instead of 2.3 s (B2 H8 N2048 D64 causal, the table's tile), the forward in 0.4 s. They read
+# through pointers, never TMA descriptors (TMA=False overrides the launch's choice): the launcher of a
+# kernel that takes descriptors can only be built after its compile (see _build_launcher_alongside).
+STAND_IN_FWD, STAND_IN_BWD = (triton.Config(c.kwargs | {"STAGED": False, "TMA": False}, num_warps=c.num_warps,
                                             num_stages=c.num_stages) for c in (FWD_CONFIGS[-1], BWD_CONFIGS[-1]))
 FWD_TUNER = Tuner("forward", CompiledLauncher(_fwd_kernel), FWD_CONFIGS, _fits_fwd, _heuristic_fwd, STAND_IN_FWD)
 BWD_TUNER = Tuner("backward", CompiledLauncher(_bwd_kernel), BWD_CONFIGS, _fits_bwd, _heuristic_bwd, STAND_IN_BWD)
@@ -933,7 +937,8 @@ def _forward(q, k, v, causal: bool, scale: float, normalize: bool, backward: boo
             else rowdot(k, k)
 
         def args(meta):
-            keys = (_descriptor(k, meta["BLOCK_N"]), _descriptor(v, meta["BLOCK_N"])) if tma else (k, v)
+            tiles = meta.get("TMA", tma)  # (a stand-in's meta says False)
+            keys = (_descriptor(k, meta["BLOCK_N"]), _descriptor(v, meta["BLOCK_N"])) if tiles else (k, v)
             return (q, *keys, kn, out, lse, *strides, H, N, M, 2.0 * scale * LOG2E, scale * LOG2E)
 
         job = (FWD_TUNER.launch if ahead is None else functools.partial(FWD_TUNER.ahead, stand_in=stand_in))(
@@ -984,7 +989,8 @@ def _backward(dout, q, k, v, out, lse, kn, causal: bool, scale: float, normalize
         delta = rowdot(out, dout) if delta_mode == DELTA_LOAD.value and ahead is None else lse
 
         def args(meta):
-            if tma:  # the loops' tiles: queries in blocks of BLOCK_M1 (part 1), keys of BLOCK_N2 (part 2)
+            if meta.get("TMA", tma):  # (a stand-in's meta says False) the loops' tiles: queries in blocks of
+                # BLOCK_M1 (part 1), keys of BLOCK_N2 (part 2)
                 loops = (_descriptor(q, meta["BLOCK_M1"]), _descriptor(k, meta["BLOCK_N2"]),
                          _descriptor(v, meta["BLOCK_N2"]), _descriptor(dout, meta["BLOCK_M1"]))
             else:
