@@ -477,8 +477,8 @@ def test_the_stand_in_compiles_ahead_only_where_it_will_run(fake_gpu, cache, mon
 
 
 def test_background_compiles_run_in_turn_on_one_thread(fake_gpu):
-    """Jobs queued by several calls run in the order queued, on one thread at a time; a job queued after
-    the thread has finished starts another."""
+    """Jobs queued by several calls run in the order queued, on one thread at a time, each class once; a
+    job queued after the thread has finished starts another."""
     order, running, most = [], [], []
 
     class Recording(FakeJIT):
@@ -498,7 +498,7 @@ def test_background_compiles_run_in_turn_on_one_thread(fake_gpu):
     time.sleep(0.1)
     gate.set()
     kernel.finish_background_compiles()
-    kernel.compile_in_background([launcher.ahead((1,), (x, 64), {"BLOCK": 128})])
+    kernel.compile_in_background([launcher.ahead((1,), (x, 64), {"BLOCK": 128})] * 2)  # one class, once
     kernel.finish_background_compiles()
     assert [block for block, _ in order] == [16, 32, 64, 128] and max(most) == 1
     assert {thread for _, thread in order} == {"rbf_lite-compile"}

@@ -276,8 +276,8 @@ def compile_in_background(jobs: list) -> None:
         return
     with _QUEUE_LOCK:
         for classes, cls, warmup in jobs:
-            future = classes.setdefault(cls, Future())
-            if not future.done():
+            future = Future()
+            if classes.setdefault(cls, future) is future:  # (not queued meanwhile by another job)
                 _QUEUE.append((future, *warmup))
         if _QUEUE and not (_THREADS and _THREADS[-1].is_alive() and _THREADS[-1].name == _RUNNING):
             thread = threading.Thread(target=_compile_queue, name=_RUNNING)
