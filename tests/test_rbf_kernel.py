@@ -247,7 +247,7 @@ def test_tuner_times_the_fastest_again_before_choosing(monkeypatch):
     monkeypatch.setattr(tuning, "FINALISTS", 2)
     tuner = tuning.Tuner("forward", None, configs, lambda config, dtype: True, kernel._heuristic_fwd)
     timed = []
-    monkeypatch.setattr(tuner, "_run", lambda config, grid, args, constexprs: timed.append(config))
+    monkeypatch.setattr(tuner, "_run", lambda config, grid, args, constexprs, defer: timed.append(config))
     # Short rounds: 0, 1, 2 (too large), 3, then reversed: 3, 1, 0 (2 is not retried); best times
     # 0: 2.5, 1: 2.0, 3: 4.0. Final rounds over 1 and 0: 1, 0, then 0, 1; best 1: 1.8, 0: 1.5.
     script = iter([(5.0, 25), (2.0, 25), (None, 25), (4.0, 25), (4.5, 25), (2.2, 25), (2.5, 25),
