@@ -228,7 +228,7 @@ class Tuner:
         self.heuristic, self.stand_in = heuristic, stand_in
         self.chosen: dict[tuple, triton.Config] = {}
         self.sources: dict[tuple, str] = {}
-        self.compiled: dict[tuple, set] = {}  # family -> configurations launched in this process
+        self.compiled: dict[tuple, set] = {}  # family -> configurations launched (or compiling for a launch) here
         self.failed: dict[tuple, set] = {}  # key -> chosen configurations whose compile in the background failed
 
     def launch(self, key: tuple, dtype: torch.dtype, grid, args, reset=None, on_compile=None, **constexprs) -> None:
