@@ -534,14 +534,22 @@ def test_background_compiles_setting(monkeypatch):
         kernel.background_compiles()
 
 
+TUNED_AHEAD = ["fwd (48, 48)", "bwd (48, 48)", "fwd (47, 47)", "bwd (47, 47)"]
+
+
 @pytest.mark.parametrize("setting, interpreting, cuda, expected", [
-    ("1", False, True, ["bwd (48, 48) stand-in", "fwd (48, 48)", "bwd (48, 48)", "fwd (47, 47)", "bwd (47, 47)"]),
+    ("1", False, True, ["bwd (48, 48) stand-in", *TUNED_AHEAD, "fwd (4096, 4096) stand-in",
+                        "bwd (4096, 4096) stand-in", "fwd (4097, 4097) stand-in", "bwd (4097, 4097) stand-in"]),
+    ("deterministic", False, True, TUNED_AHEAD),  # no stand-ins
     ("0", False, True, []),
     ("1", True, True, []),      # the interpreter: every launch goes through the JIT, nothing to compile ahead
     ("1", False, False, []),    # not on a GPU
 ])
 def test_what_a_forward_compiles_ahead(setting, interpreting, cuda, expected, monkeypatch):
     jobs = []
+    if setting == "deterministic":
+        monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+        setting = "1"
     monkeypatch.setenv("RBF_LITE_BACKGROUND_COMPILE", setting)
     monkeypatch.setattr(kernel, "INTERPRETING", interpreting)
     monkeypatch.setattr(kernel, "compile_in_background", lambda js: jobs.extend(js))
@@ -582,14 +590,18 @@ def jit_specialisation(args) -> list:
     return [native_specialize_impl(CUDABackend, a, False, True, True) for a in args]
 
 
-def launched(tuner, monkeypatch) -> list:
-    """Each launch of `tuner`: (key, grid, arguments, constexprs) at the configuration it ran."""
+def launched(tuner, monkeypatch, stand_ins=None) -> list:
+    """Each launch of `tuner`: (key, grid, arguments, constexprs) at the configuration it ran; and in
+    `stand_ins`, if given, (key, grid, arguments, constexprs) that its stand-in would have launched."""
     seen, launch_ = [], tuner.launch
 
     def record(key, dtype, grid, args, reset=None, on_compile=None, **constexprs):
         launch_(key, dtype, grid, args, reset=reset, on_compile=on_compile, **constexprs)
         meta = tuner.chosen[key].kwargs
         seen.append((key, grid(meta), jit_specialisation(args(meta)), constexprs))
+        if stand_ins is not None:
+            meta = tuner.stand_in.kwargs
+            stand_ins.append((key, grid(meta), jit_specialisation(args(meta)), constexprs))
     monkeypatch.setattr(tuner, "launch", record)
     return seen
 
@@ -632,15 +644,45 @@ def test_the_kernels_compiled_ahead_are_the_kernels_launched(lengths, later, cau
         return q, k, v, out, lse, kn
 
     inputs = forward_backward(*lengths)
-    assert kernel._ahead_jobs(*inputs, causal, 0.25, normalize) == [None] * 5
+    assert kernel._ahead_jobs(*inputs, causal, 0.25, normalize) == [None] * 9
     forward_backward(*later)
     assert [kernel._other_class(n) for n in lengths] != list(later)  # another length of the same class
-    assert [a[4] for a in bwd_ahead] == [True, False, False] and [a[4] for a in fwd_ahead] == [False, False]
+    assert [a[4] for a in bwd_ahead] == [True, False, False, True, True]
+    assert [a[4] for a in fwd_ahead] == [False, False, True, True]
     assert bwd_ahead[1][:4] == bwd_launches[0] and fwd_ahead[0][:4] == fwd_launches[0]
     stand_in = bwd_ahead[0]  # the backward's stand-in: the same key and constexprs, its own tile
     assert (stand_in[0], stand_in[3]) == (bwd_launches[0][0], bwd_launches[0][3])
     for ahead, launch_ in ((fwd_ahead[1], fwd_launches[1]), (bwd_ahead[2], bwd_launches[1])):
         assert (ahead[0], ahead[2], ahead[3]) == (launch_[0], launch_[2], launch_[3])
+
+
+@pytest.mark.parametrize("lengths, crossed", [((48, 48), [(64, 64), (65, 65)]), ((17, 50), [(17, 64), (17, 65)]),
+                                              ((80, 80), [(48, 48), (49, 49)]), ((33, 96), [(33, 48), (33, 49)])])
+def test_the_stand_ins_compiled_ahead_across_the_long_path_are_the_stand_ins_a_crossing_launches(
+        lengths, crossed, device, monkeypatch):
+    """A first call on one side of LONG_KEYS compiles ahead the stand-ins for lengths on the other side
+    (other kernels: pre-passes, TMA asked for, atomic dq); each is the stand-in that a call at that length
+    would launch: the same key, constexprs, grid and argument specialisations."""
+    monkeypatch.setattr(kernel, "LONG_KEYS", 64)
+    monkeypatch.setattr(kernel, "TMA", "1")  # (the stand-ins read through pointers all the same)
+    fwd_stand_ins, bwd_stand_ins = [], []
+    launched(kernel.FWD_TUNER, monkeypatch, fwd_stand_ins), launched(kernel.BWD_TUNER, monkeypatch, bwd_stand_ins)
+    fwd_ahead, bwd_ahead = ahead_of(kernel.FWD_TUNER, monkeypatch), ahead_of(kernel.BWD_TUNER, monkeypatch)
+
+    def forward_backward(n, m):
+        q = torch.randn(1, 2, n, 16, device=device, dtype=torch.float16)
+        k, v = (torch.randn(1, 2, m, 16, device=device, dtype=torch.float16) for _ in range(2))
+        out, lse, kn = kernel._forward(q, k, v, False, 0.25, True)
+        kernel._backward(torch.randn_like(out), q, k, v, out, lse, kn, False, 0.25, True)
+        return q, k, v, out, lse, kn
+
+    inputs = forward_backward(*lengths)
+    kernel._ahead_jobs(*inputs, False, 0.25, True)
+    for lengths2 in crossed:  # (the keys across 64, one length of each class; the queries with them if as many)
+        forward_backward(*lengths2)
+    assert [a[4] for a in fwd_ahead[-2:]] == [True, True] and [a[4] for a in bwd_ahead[-2:]] == [True, True]
+    for ahead, launch_ in [*zip(fwd_ahead[-2:], fwd_stand_ins[1:]), *zip(bwd_ahead[-2:], bwd_stand_ins[1:])]:
+        assert ahead[:4] == launch_
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiles for and launches on a GPU")
@@ -689,16 +731,16 @@ def test_on_a_gpu_launches_find_their_kernels_compiled_ahead(monkeypatch):
         return sorted(key[0][index] for key in tuner.launcher.compiled)
 
     first_call(96)
-    # The forward's stand-in on this thread; the backward's stand-in, then the tuned kernels at this
-    # length and at one of the other class, in the background.
+    # The forward's stand-in on this thread; the backward's stand-in, the tuned kernels at this length
+    # and at one of the other class, then the stand-ins at two lengths across LONG_KEYS, in the background.
     assert [name for name, thread in compiles if thread == "MainThread"] == ["_fwd_kernel"]
     assert [name for name, thread in compiles if thread != "MainThread"] == [
-        "_bwd_kernel", "_fwd_kernel", "_bwd_kernel", "_fwd_kernel", "_bwd_kernel"]
+        "_bwd_kernel", "_fwd_kernel", "_bwd_kernel", "_fwd_kernel", "_bwd_kernel"] + ["_fwd_kernel", "_bwd_kernel"] * 2
     assert staged(kernel.FWD_TUNER) == staged(kernel.BWD_TUNER) == [False], "the first call ran the stand-ins"
     # Each kernel's launcher was built alongside its compile, from the very source its load then asked for.
     ahead = {src for thread, src in launchers if thread == "rbf_lite-launcher"}
     loaded = [src for thread, src in launchers if thread != "rbf_lite-launcher"]
-    assert len(ahead) == 2 and len(loaded) == 6 and set(loaded) == ahead  # forward's and backward's, 3 times each
+    assert len(loaded) == len(compiles) and set(loaded) == ahead
     compiles.clear()
     first_call(96)
     assert staged(kernel.FWD_TUNER) == staged(kernel.BWD_TUNER) == [False, True], "the tuned kernels took over"

@@ -36,9 +36,9 @@ kernel to compile. Where it is not compiled yet, the launch queues its compile f
 and runs a stand-in meanwhile: the smallest tile with each loop in one masked stage (STAGED=False),
 which compiles about three times faster and runs slower; the tuned kernel takes over at the first
 launch after its compile. A forward that records gradients, on a GPU, when its own kernel is about to
-compile, queues (in this order) the backward's stand-in, the tuned forward and backward, then both at a
+compile, queues (in this order) the backward's stand-in, the tuned forward and backward, both at a
 length of the other class (divisible by 16 or not, in the same length bucket), which a later length
-finds compiled. Triton's compiler releases the GIL for much of its work, so the compiles overlap with
+finds compiled, then the stand-ins for lengths across LONG_KEYS (another code path). Triton's compiler releases the GIL for much of its work, so the compiles overlap with
 the calling thread's (the forward's stand-in). A launch waits for a compile of its kernel under way
 when it cannot take a stand-in, and raises its error. Two more of a cold first call's serial steps run
 beside others: Triton's hash of its own compiler (_hash_triton_in_background) and each kernel's
@@ -1022,6 +1022,13 @@ def _other_class(n: int) -> int | None:
     return n - 1 if n % 16 == 0 else n + 16 - n % 16
 
 
+def _across(n: int) -> tuple[int, int]:
+    """Two lengths on the other side of LONG_KEYS from n (other kernels: pre-passes, TMA, atomic dq), one
+    divisible by 16 and one not."""
+    base = LONG_KEYS if n < LONG_KEYS else LONG_KEYS - 16
+    return base, base + 1
+
+
 def background_compiles() -> str:
     """RBF_LITE_BACKGROUND_COMPILE (see the module docstring): "1" (unset) or "0"."""
     value = os.environ.get("RBF_LITE_BACKGROUND_COMPILE", "1") or "1"
@@ -1049,18 +1056,23 @@ def _compile_ahead(q, k, v, out, lse, kn, causal, scale, normalize):
 
 def _ahead_jobs(q, k, v, out, lse, kn, causal, scale, normalize) -> list:
     """In the order needed: the backward's stand-in, which the backward will launch unless the tuned
-    backward is compiled by then; the tuned forward and backward, which take over from the stand-ins; then
-    the tuned forward and backward at lengths of the other class (_other_class), which a later length in
-    that class finds compiled."""
-    lengths = q.shape[2], k.shape[2]
+    backward is compiled by then; the tuned forward and backward, which take over from the stand-ins; the
+    tuned forward and backward at lengths of the other class (_other_class), which a later length in that
+    class finds compiled; then the stand-ins for lengths across LONG_KEYS (_across: the keys, and the
+    queries with them when there are as many), which a later length on that side runs at once."""
+    lengths = n, m = q.shape[2], k.shape[2]
+    stand_ins = stand_ins_allowed()
     jobs = [_backward(out, q, k, v, out, lse, kn, causal, scale, normalize, ahead=lengths, stand_in=True)] \
-        if stand_ins_allowed() else []
+        if stand_ins else []
     jobs += [_forward(q, k, v, causal, scale, normalize, ahead=lengths),
              _backward(out, q, k, v, out, lse, kn, causal, scale, normalize, ahead=lengths)]
     other = tuple(map(_other_class, lengths))
     if None not in other:
         jobs += [_forward(q, k, v, causal, scale, normalize, ahead=other),
                  _backward(out, q, k, v, out, lse, kn, causal, scale, normalize, ahead=other)]
+    for crossed in ([(m2 if n == m else n, m2) for m2 in _across(m)] if stand_ins else []):
+        jobs += [_forward(q, k, v, causal, scale, normalize, ahead=crossed, stand_in=True),
+                 _backward(out, q, k, v, out, lse, kn, causal, scale, normalize, ahead=crossed, stand_in=True)]
     return jobs
 
 
