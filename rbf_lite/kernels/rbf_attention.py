@@ -34,20 +34,20 @@ such as the lengths by whether 16 divides them, or 1; pointers by alignment), th
 larger kernel: 2-4 s on a GPU host's CPU for the tuned tiles. So a launch never waits for a tuned
 kernel to compile. Where it is not compiled yet, the launch queues its compile for a background thread
 and runs a stand-in meanwhile: the smallest tile with each loop in one masked stage (STAGED=False),
-which compiles about three times faster and runs slower; the tuned kernel takes over at the first
+which compiles two to three times faster and runs slower; the tuned kernel takes over at the first
 launch after its compile. A forward that records gradients, on a GPU, when its own kernel is about to
 compile, queues (in this order) the backward's stand-in, the tuned forward and backward, both at a
 length of the other class (divisible by 16 or not, in the same length bucket), which a later length
-finds compiled, then the stand-ins for lengths across LONG_KEYS (another code path). Triton's compiler releases the GIL for much of its work, so the compiles overlap with
-the calling thread's (the forward's stand-in). A launch waits for a compile of its kernel under way
-when it cannot take a stand-in, and raises its error. Two more of a cold first call's serial steps run
-beside others: Triton's hash of its own compiler (_hash_triton_in_background) and each kernel's
-launcher build (_build_launcher_alongside). None of this under the interpreter, nor in
-RBF_LITE_AUTOTUNE=full mode (which times, so compiles, every candidate); no stand-ins in "0" mode nor
-when torch is asked for deterministic algorithms (a stand-in sums in another order than the tuned
-kernel). RBF_LITE_BACKGROUND_COMPILE="0" turns it all off ("1", the default, on): each kernel then
-compiles at its first launch. finish_background_compiles() waits for what is queued: benchmarks call
-it before they time anything.
+finds compiled, then the stand-ins for lengths across LONG_KEYS (another code path). Triton's compiler
+releases the GIL for much of its work, so the compiles overlap with the calling thread's (the forward's
+stand-in). A launch waits for a compile of its kernel under way when it cannot take a stand-in, and
+raises its error. Two more of a cold first call's serial steps run beside others: Triton's hash of its
+own compiler (_hash_triton_in_background) and each kernel's launcher build (_build_launcher_alongside).
+None of this under the interpreter, nor in RBF_LITE_AUTOTUNE=full mode (which times, so compiles, every
+candidate); no stand-ins in "0" mode nor when torch is asked for deterministic algorithms (a stand-in
+sums in another order than the tuned kernel). RBF_LITE_BACKGROUND_COMPILE="0" turns it all off ("1",
+the default, on): each kernel then compiles at its first launch. finish_background_compiles() waits for
+what is queued: benchmarks call it before they time anything.
 """
 from __future__ import annotations
 
@@ -264,6 +264,7 @@ _DONE.set_result(None)
 _QUEUE: list[tuple] = []
 _QUEUE_LOCK = threading.Lock()
 _THREADS: list[threading.Thread] = []  # the background thread, or the last one (it ends when the queue is empty)
+_RUNNING, _FINISHED = "rbf_lite-compile", "rbf_lite-compile (finished)"  # its name while it runs, then
 
 
 def compile_in_background(jobs: list) -> None:
@@ -283,9 +284,6 @@ def compile_in_background(jobs: list) -> None:
             thread = threading.Thread(target=_compile_queue, name=_RUNNING)
             _THREADS[:] = [thread]
             thread.start()
-
-
-_RUNNING, _FINISHED = "rbf_lite-compile", "rbf_lite-compile (finished)"
 
 
 def _compile_queue() -> None:
