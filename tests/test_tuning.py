@@ -539,7 +539,8 @@ TUNED_AHEAD = ["fwd (48, 48)", "bwd (48, 48)", "fwd (47, 47)", "bwd (47, 47)"]
 
 @pytest.mark.parametrize("setting, interpreting, cuda, expected", [
     ("1", False, True, ["bwd (48, 48) stand-in", *TUNED_AHEAD, "fwd (4096, 4096) stand-in",
-                        "bwd (4096, 4096) stand-in", "fwd (4097, 4097) stand-in", "bwd (4097, 4097) stand-in"]),
+                        "bwd (4096, 4096) stand-in", "rowdot 4096", "fwd (4097, 4097) stand-in",
+                        "bwd (4097, 4097) stand-in", "rowdot 4097"]),
     ("deterministic", False, True, TUNED_AHEAD),  # no stand-ins
     ("0", False, True, []),
     ("1", True, True, []),      # the interpreter: every launch goes through the JIT, nothing to compile ahead
@@ -555,7 +556,8 @@ def test_what_a_forward_compiles_ahead(setting, interpreting, cuda, expected, mo
     monkeypatch.setattr(kernel, "compile_in_background", lambda js: jobs.extend(js))
     monkeypatch.setattr(kernel, "_forward", lambda *a, ahead, stand_in=False: f"fwd {ahead}" + " stand-in" * stand_in)
     monkeypatch.setattr(kernel, "_backward", lambda *a, ahead, stand_in=False: f"bwd {ahead}" + " stand-in" * stand_in)
-    q = types.SimpleNamespace(is_cuda=cuda, shape=(1, 2, 48, 16))
+    monkeypatch.setattr(kernel, "rowdot", lambda x, y, ahead: f"rowdot {x.shape[2]}")
+    q = types.SimpleNamespace(is_cuda=cuda, shape=(1, 2, 48, 16), dtype=torch.bfloat16)
     kernel._compile_ahead(q, q, q, None, None, None, True, 0.25, True)
     assert jobs == expected
 
@@ -644,7 +646,7 @@ def test_the_kernels_compiled_ahead_are_the_kernels_launched(lengths, later, cau
         return q, k, v, out, lse, kn
 
     inputs = forward_backward(*lengths)
-    assert kernel._ahead_jobs(*inputs, causal, 0.25, normalize) == [None] * 9
+    assert not any(kernel._ahead_jobs(*inputs, causal, 0.25, normalize))  # (all recorded, none to run)
     forward_backward(*later)
     assert [kernel._other_class(n) for n in lengths] != list(later)  # another length of the same class
     assert [a[4] for a in bwd_ahead] == [True, False, False, True, True]
@@ -661,13 +663,23 @@ def test_the_kernels_compiled_ahead_are_the_kernels_launched(lengths, later, cau
 def test_the_stand_ins_compiled_ahead_across_the_long_path_are_the_stand_ins_a_crossing_launches(
         lengths, crossed, device, monkeypatch):
     """A first call on one side of LONG_KEYS compiles ahead the stand-ins for lengths on the other side
-    (other kernels: pre-passes, TMA asked for, atomic dq); each is the stand-in that a call at that length
-    would launch: the same key, constexprs, grid and argument specialisations."""
+    (other kernels: pre-passes, atomic dq); each is the stand-in that a call at that length would launch:
+    the same key, constexprs, grid and argument specialisations. Onto the long path, so is its pre-pass."""
     monkeypatch.setattr(kernel, "LONG_KEYS", 64)
-    monkeypatch.setattr(kernel, "TMA", "1")  # (the stand-ins read through pointers all the same)
     fwd_stand_ins, bwd_stand_ins = [], []
     launched(kernel.FWD_TUNER, monkeypatch, fwd_stand_ins), launched(kernel.BWD_TUNER, monkeypatch, bwd_stand_ins)
     fwd_ahead, bwd_ahead = ahead_of(kernel.FWD_TUNER, monkeypatch), ahead_of(kernel.BWD_TUNER, monkeypatch)
+    rowdots = {"ahead": [], "launched": []}  # the long path's pre-pass kernel: (grid, arguments, constexprs)
+
+    class RecordingRowdot:
+        def __call__(self, grid, args, constexprs):
+            rowdots["launched"].append((grid, jit_specialisation(args), constexprs))
+            rowdot_launcher(grid, args, constexprs)
+
+        def ahead(self, grid, args, constexprs):
+            rowdots["ahead"].append((grid, jit_specialisation(args), constexprs))
+    rowdot_launcher = kernel.ROWDOT
+    monkeypatch.setattr(kernel, "ROWDOT", RecordingRowdot())
 
     def forward_backward(n, m):
         q = torch.randn(1, 2, n, 16, device=device, dtype=torch.float16)
@@ -677,12 +689,16 @@ def test_the_stand_ins_compiled_ahead_across_the_long_path_are_the_stand_ins_a_c
         return q, k, v, out, lse, kn
 
     inputs = forward_backward(*lengths)
+    rowdots["launched"].clear()
     kernel._ahead_jobs(*inputs, False, 0.25, True)
     for lengths2 in crossed:  # (the keys across 64, one length of each class; the queries with them if as many)
         forward_backward(*lengths2)
     assert [a[4] for a in fwd_ahead[-2:]] == [True, True] and [a[4] for a in bwd_ahead[-2:]] == [True, True]
     for ahead, launch_ in [*zip(fwd_ahead[-2:], fwd_stand_ins[1:]), *zip(bwd_ahead[-2:], bwd_stand_ins[1:])]:
         assert ahead[:4] == launch_
+    # Onto the long path: its pre-passes (key norms, Delta) launch kernels of the classes compiled ahead.
+    classes = lambda records: {repr((spec, sorted(c.items()))) for _, spec, c in records}  # noqa: E731
+    assert classes(rowdots["launched"]) == classes(rowdots["ahead"]) and (rowdots["ahead"] == []) == (lengths[1] >= 64)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiles for and launches on a GPU")
@@ -732,10 +748,12 @@ def test_on_a_gpu_launches_find_their_kernels_compiled_ahead(monkeypatch):
 
     first_call(96)
     # The forward's stand-in on this thread; the backward's stand-in, the tuned kernels at this length
-    # and at one of the other class, then the stand-ins at two lengths across LONG_KEYS, in the background.
+    # and at one of the other class, then the stand-ins and the pre-pass at two lengths across LONG_KEYS,
+    # in the background.
     assert [name for name, thread in compiles if thread == "MainThread"] == ["_fwd_kernel"]
     assert [name for name, thread in compiles if thread != "MainThread"] == [
-        "_bwd_kernel", "_fwd_kernel", "_bwd_kernel", "_fwd_kernel", "_bwd_kernel"] + ["_fwd_kernel", "_bwd_kernel"] * 2
+        "_bwd_kernel", "_fwd_kernel", "_bwd_kernel", "_fwd_kernel", "_bwd_kernel"] + [
+        "_fwd_kernel", "_bwd_kernel", "_rowdot_kernel"] * 2
     assert staged(kernel.FWD_TUNER) == staged(kernel.BWD_TUNER) == [False], "the first call ran the stand-ins"
     # Each kernel's launcher was built alongside its compile, from the very source its load then asked for.
     ahead = {src for thread, src in launchers if thread == "rbf_lite-launcher"}

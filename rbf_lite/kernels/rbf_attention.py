@@ -38,16 +38,17 @@ which compiles two to three times faster and runs slower; the tuned kernel takes
 launch after its compile. A forward that records gradients, on a GPU, when its own kernel is about to
 compile, queues (in this order) the backward's stand-in, the tuned forward and backward, both at a
 length of the other class (divisible by 16 or not, in the same length bucket), which a later length
-finds compiled, then the stand-ins for lengths across LONG_KEYS (another code path). Triton's compiler
-releases the GIL for much of its work, so the compiles overlap with the calling thread's (the forward's
-stand-in). A launch waits for a compile of its kernel under way when it cannot take a stand-in, and
-raises its error. Two more of a cold first call's serial steps run beside others: Triton's hash of its
-own compiler (_hash_triton_in_background) and each kernel's launcher build (_build_launcher_alongside).
-None of this under the interpreter, nor in RBF_LITE_AUTOTUNE=full mode (which times, so compiles, every
-candidate); no stand-ins in "0" mode nor when torch is asked for deterministic algorithms (a stand-in
-sums in another order than the tuned kernel). RBF_LITE_BACKGROUND_COMPILE="0" turns it all off ("1",
-the default, on): each kernel then compiles at its first launch. finish_background_compiles() waits for
-what is queued: benchmarks call it before they time anything.
+finds compiled, then the stand-ins for lengths across LONG_KEYS (another code path, with its pre-pass).
+Triton's compiler releases the GIL for much of its work, so the compiles overlap with the calling
+thread's (the forward's stand-in). A launch waits for a compile of its kernel under way when it cannot
+take a stand-in, and raises its error. Two more of a cold first call's serial steps run beside others:
+Triton's hash of its own compiler (_hash_triton_in_background) and each kernel's launcher build
+(_build_launcher_alongside). None of this under the interpreter, nor in RBF_LITE_AUTOTUNE=full mode
+(which times, so compiles, every candidate); no stand-ins in "0" mode nor when torch is asked for
+deterministic algorithms (a stand-in sums in another order than the tuned kernel).
+RBF_LITE_BACKGROUND_COMPILE="0" turns it all off ("1", the default, on): each kernel then compiles at
+its first launch. finish_background_compiles() waits for what is queued: benchmarks call it before they
+time anything.
 """
 from __future__ import annotations
 
@@ -439,12 +440,16 @@ def _rowdot_kernel(x_ptr, y_ptr, out_ptr, sxb, sxh, sxn, sxd, syb, syh, syn, syd
 ROWDOT = CompiledLauncher(_rowdot_kernel)
 
 
-def rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """(B, H, N, D) x (B, H, N, D) -> (B, H, N) fp32 row-wise dot products, read through strides."""
+def rowdot(x: torch.Tensor, y: torch.Tensor, ahead: bool = False) -> torch.Tensor:
+    """(B, H, N, D) x (B, H, N, D) -> (B, H, N) fp32 row-wise dot products, read through strides.
+    ahead: return the job that compiles this launch's kernel (see CompiledLauncher.ahead) instead."""
     B, H, N, D = x.shape
     out = torch.empty((B, H, N), device=x.device, dtype=torch.float32)
     block = 64
-    ROWDOT((cdiv(N, block), B * H), (x, y, out, *x.stride(), *y.stride(), H, N), {"D": D, "BLOCK": block})
+    launch = ((cdiv(N, block), B * H), (x, y, out, *x.stride(), *y.stride(), H, N), {"D": D, "BLOCK": block})
+    if ahead:
+        return ROWDOT.ahead(*launch)
+    ROWDOT(*launch)
     return out
 
 
@@ -1057,7 +1062,8 @@ def _ahead_jobs(q, k, v, out, lse, kn, causal, scale, normalize) -> list:
     backward is compiled by then; the tuned forward and backward, which take over from the stand-ins; the
     tuned forward and backward at lengths of the other class (_other_class), which a later length in that
     class finds compiled; then the stand-ins for lengths across LONG_KEYS (_across: the keys, and the
-    queries with them when there are as many), which a later length on that side runs at once."""
+    queries with them when there are as many), and, onto the long path, its pre-pass kernel, so that a
+    later length on that side runs at once."""
     lengths = n, m = q.shape[2], k.shape[2]
     stand_ins = stand_ins_allowed()
     jobs = [_backward(out, q, k, v, out, lse, kn, causal, scale, normalize, ahead=lengths, stand_in=True)] \
@@ -1071,6 +1077,10 @@ def _ahead_jobs(q, k, v, out, lse, kn, causal, scale, normalize) -> list:
     for crossed in ([(m2 if n == m else n, m2) for m2 in _across(m)] if stand_ins else []):
         jobs += [_forward(q, k, v, causal, scale, normalize, ahead=crossed, stand_in=True),
                  _backward(out, q, k, v, out, lse, kn, causal, scale, normalize, ahead=crossed, stand_in=True)]
+        if max(crossed) >= LONG_KEYS:  # the long path's pre-passes: key norms, and Delta (rows of the output)
+            rows = (torch.empty((*k.shape[:2], length, k.shape[3]), device="meta", dtype=k.dtype)
+                    for length in sorted(set(crossed)))
+            jobs += [rowdot(x, x, ahead=True) for x in rows]
     return jobs
 
 
