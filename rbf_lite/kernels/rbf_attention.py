@@ -185,6 +185,13 @@ class CompiledLauncher:
                       else (a.base.dtype, tuple(a.block_shape)) if isinstance(a, TensorDescriptor)
                       else type(a) for a in args])
 
+    def _class_key(self, args: tuple, constexprs: dict, num_warps: int, num_stages: int, maxnreg: int | None,
+                   device: int, values: tuple | None = None) -> tuple:
+        """The key of self.classes: the compile options and what the JIT specialises the arguments by."""
+        if values is None:
+            values = tuple([constexprs[name] for name in self.constexpr_names])
+        return values, num_warps, num_stages, maxnreg, device, self._classes(args)
+
     def __call__(self, grid: tuple, args: tuple, constexprs: dict, num_warps: int = 4, num_stages: int = 3,
                  maxnreg: int | None = None, on_compile=None, defer: bool = False) -> bool:
         """Launch; False instead where `defer` allows it (and stand_ins_allowed()) and the kernel is not
@@ -199,7 +206,7 @@ class CompiledLauncher:
         key = (values, num_warps, num_stages, maxnreg, device, self._specialisation(args))
         compiled = self.compiled.get(key)
         if compiled is None:
-            cls = (values, num_warps, num_stages, maxnreg, device, self._classes(args))
+            cls = self._class_key(args, constexprs, num_warps, num_stages, maxnreg, device, values)
             ahead = self.classes.get(cls)
             if ahead is None and on_compile is not None:
                 on_compile()
@@ -234,9 +241,8 @@ class CompiledLauncher:
         under the interpreter, which compiles nothing."""
         if not self.direct:
             return True
-        values = tuple([constexprs[name] for name in self.constexpr_names])
-        cls = (values, num_warps, num_stages, maxnreg, torch.cuda.current_device(), self._classes(args))
-        done = self.classes.get(cls)
+        done = self.classes.get(self._class_key(args, constexprs, num_warps, num_stages, maxnreg,
+                                                torch.cuda.current_device()))
         return done is not None and done.done() and done.exception() is None
 
     def ahead(self, grid: tuple, args: tuple, constexprs: dict, num_warps: int = 4, num_stages: int = 3,
@@ -247,8 +253,7 @@ class CompiledLauncher:
         if not self.direct:
             return None
         device = torch.cuda.current_device()
-        values = tuple([constexprs[name] for name in self.constexpr_names])
-        cls = (values, num_warps, num_stages, maxnreg, device, self._classes(args))
+        cls = self._class_key(args, constexprs, num_warps, num_stages, maxnreg, device)
         if cls in self.classes:
             return None
         driver.active.get_current_target()  # Triton's driver, created once here rather than raced for
@@ -264,8 +269,7 @@ _DONE.set_result(None)
 # own compile, on the calling thread, competes with one compile at a time, not with a pile of them).
 _QUEUE: list[tuple] = []
 _QUEUE_LOCK = threading.Lock()
-_THREADS: list[threading.Thread] = []  # the background thread, or the last one (it ends when the queue is empty)
-_RUNNING, _FINISHED = "rbf_lite-compile", "rbf_lite-compile (finished)"  # its name while it runs, then
+_THREADS: list[threading.Thread] = []  # the background thread while it runs (it ends when the queue is empty)
 
 
 def compile_in_background(jobs: list) -> None:
@@ -281,19 +285,19 @@ def compile_in_background(jobs: list) -> None:
             future = Future()
             if classes.setdefault(cls, future) is future:  # (not queued meanwhile by another job)
                 _QUEUE.append((future, *warmup))
-        if _QUEUE and not (_THREADS and _THREADS[-1].is_alive() and _THREADS[-1].name == _RUNNING):
-            thread = threading.Thread(target=_compile_queue, name=_RUNNING)
-            _THREADS[:] = [thread]
+        if _QUEUE and not _THREADS:
+            thread = threading.Thread(target=_compile_queue, name="rbf_lite-compile")
+            _THREADS.append(thread)
             thread.start()
 
 
 def _compile_queue() -> None:
-    """The background thread: compile until the queue is empty. It renames itself under the lock when it
+    """The background thread: compile until the queue is empty. It leaves _THREADS under the lock when it
     finds nothing left, so that compile_in_background starts another rather than queue for this one."""
     while True:
         with _QUEUE_LOCK:
             if not _QUEUE:
-                threading.current_thread().name = _FINISHED
+                _THREADS.remove(threading.current_thread())
                 return
             work = _QUEUE.pop(0)
         _compile(*work)
