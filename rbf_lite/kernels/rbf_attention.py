@@ -1068,19 +1068,21 @@ def _ahead_jobs(q, k, v, out, lse, kn, causal, scale, normalize) -> list:
     class finds compiled; then the stand-ins for lengths across LONG_KEYS (_across: the keys, and the
     queries with them when there are as many), and, onto the long path, its pre-pass kernel, so that a
     later length on that side runs at once."""
+    def forward(lengths, stand_in=False):
+        return _forward(q, k, v, causal, scale, normalize, ahead=lengths, stand_in=stand_in)
+
+    def backward(lengths, stand_in=False):  # (the output stands in for its gradient: see _backward)
+        return _backward(out, q, k, v, out, lse, kn, causal, scale, normalize, ahead=lengths, stand_in=stand_in)
+
     lengths = n, m = q.shape[2], k.shape[2]
     stand_ins = stand_ins_allowed()
-    jobs = [_backward(out, q, k, v, out, lse, kn, causal, scale, normalize, ahead=lengths, stand_in=True)] \
-        if stand_ins else []
-    jobs += [_forward(q, k, v, causal, scale, normalize, ahead=lengths),
-             _backward(out, q, k, v, out, lse, kn, causal, scale, normalize, ahead=lengths)]
+    jobs = [backward(lengths, stand_in=True)] if stand_ins else []
+    jobs += [forward(lengths), backward(lengths)]
     other = tuple(map(_other_class, lengths))
     if None not in other:
-        jobs += [_forward(q, k, v, causal, scale, normalize, ahead=other),
-                 _backward(out, q, k, v, out, lse, kn, causal, scale, normalize, ahead=other)]
+        jobs += [forward(other), backward(other)]
     for crossed in ([(m2 if n == m else n, m2) for m2 in _across(m)] if stand_ins else []):
-        jobs += [_forward(q, k, v, causal, scale, normalize, ahead=crossed, stand_in=True),
-                 _backward(out, q, k, v, out, lse, kn, causal, scale, normalize, ahead=crossed, stand_in=True)]
+        jobs += [forward(crossed, stand_in=True), backward(crossed, stand_in=True)]
         if max(crossed) >= LONG_KEYS:  # the long path's pre-passes: key norms, and Delta (rows of the output)
             rows = (torch.empty((*k.shape[:2], length, k.shape[3]), device="meta", dtype=k.dtype)
                     for length in sorted(set(crossed)))
